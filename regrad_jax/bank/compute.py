@@ -1,0 +1,244 @@
+"""Per-document LoRA gradients at theta*: g_d = grad_theta L_LM(d; theta*).
+
+A document is tokenised exactly as meta-training sees a passage (`prompts.passage_text`
+then BOS, truncated to max_len tokens) and padded to the smallest length bucket
+that fits, so a few jit shapes cover any corpus. A jitted step takes a batch of
+documents of one bucket, split over the mesh's "data" axis, and returns each
+document's gradient already encoded by the bank's codec:
+
+  tokens (G, S) int32, mask (G, S) bool
+    -> vmap over documents of value_and_grad(lm_loss) w.r.t. the LoRA tree
+    -> per-document finite flag and loss, codec parts {leaf: {part: (G, ...)}}
+
+G = batch_size x (devices on "data"). Padding documents (all-False mask) have loss 0
+and a zero gradient; they are dropped on the host. The mesh holds this process's
+devices only: documents are independent, so each process of a multi-host build
+computes its own rows with no collectives and no lock-step with other hosts.
+"""
+import dataclasses
+import functools
+import hashlib
+from typing import Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from regrad_jax import fingerprint
+from regrad_jax import parallel
+from regrad_jax import prompts
+from regrad_jax.model import losses
+from regrad_jax.model.config import ModelConfig
+from regrad_jax.model.lora import LoraConfig
+
+
+def tokenize_documents(tokenizer, texts, max_len: int, buckets, *, index: int = 1
+                       ) -> list[tuple[np.ndarray, np.ndarray, bool]]:
+  """Tokenises passages the way meta-training does, padded to length buckets.
+
+  Each text becomes `tokenizer.encode(prompts.passage_text(index, text),
+  add_bos=True)`, cut to its first `max_len` tokens.
+
+  Args:
+    tokenizer: anything with `encode(text, add_bos)` and `pad_id`.
+    texts: iterable of str.
+    max_len: token limit (config.data.max_context_len).
+    buckets: padded lengths (config.data.doc_buckets); the largest must be
+      >= max_len so every truncated document fits.
+    index: the passage number in "Passage i: " (1 for a stored document).
+
+  Returns:
+    One (tokens (L,) int32, mask (L,) bool, truncated) per text, L the smallest
+    bucket >= the token count; tokens are right-padded with pad_id.
+  """
+  buckets = sorted(int(b) for b in buckets)
+  if max_len < 2:
+    raise ValueError(f"max_len must be >= 2, got {max_len}")
+  if not buckets or buckets[-1] < max_len:
+    raise ValueError(f"the largest document bucket {buckets[-1:]} is shorter "
+                     f"than max_len={max_len}")
+  out = []
+  for i, text in enumerate(texts):
+    if not isinstance(text, str):
+      raise TypeError(f"document {i}: text must be a str, got {type(text).__name__}")
+    ids = tokenizer.encode(prompts.passage_text(index, text), add_bos=True)
+    truncated = len(ids) > max_len
+    ids = ids[:max_len]
+    length = next(b for b in buckets if b >= len(ids))
+    tokens = np.full((length,), tokenizer.pad_id, np.int32)
+    tokens[:len(ids)] = ids
+    mask = np.zeros((length,), bool)
+    mask[:len(ids)] = True
+    out.append((tokens, mask, truncated))
+  return out
+
+
+def flatten(tree) -> dict:
+  """{"gate": {"a": x}} -> {"gate/a": x}: the bank's leaf names."""
+  flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+  return {"/".join(str(k.key) for k in path): leaf for path, leaf in flat}
+
+
+def unflatten(flat: dict) -> dict:
+  """Inverse of `flatten` for nested dicts."""
+  tree = {}
+  for name, leaf in flat.items():
+    *outer, last = name.split("/")
+    node = tree
+    for key in outer:
+      node = node.setdefault(key, {})
+    node[last] = leaf
+  return tree
+
+
+def text_sha(text: str) -> str:
+  """Content hash of a document's text (tells a changed document from the same one)."""
+  return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+_FIELDS = {"model": "base model (weights + architecture)", "theta": "theta* (LoRA)",
+           "lora": "LoRA config", "tokenizer": "tokenizer",
+           "max_len": "max context length", "prompt": "passage format"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Identity:
+  """Everything a stored gradient depends on, as fingerprints.
+
+  A bank refuses to be read or extended with gradients of a different identity.
+  """
+  model: str
+  theta: str
+  lora: str
+  tokenizer: str
+  max_len: int
+  prompt: str
+
+  @classmethod
+  def of(cls, params, model_config: ModelConfig, lora, lora_config: LoraConfig,
+         tokenizer, max_len: int) -> "Identity":
+    return cls(
+        model=fingerprint.combine(params=fingerprint.tree_fingerprint(params),
+                                  config=repr(model_config)),
+        theta=fingerprint.tree_fingerprint(lora),
+        lora=repr(lora_config),
+        tokenizer=str(tokenizer.fingerprint()),
+        max_len=int(max_len),
+        prompt=prompts.passage_text(1, "{text}"))
+
+  def to_dict(self) -> dict:
+    return dataclasses.asdict(self)
+
+  @classmethod
+  def from_dict(cls, d: dict) -> "Identity":
+    return cls(**d)
+
+  def mismatches(self, other: "Identity") -> list[str]:
+    """Human-readable names of the fields that differ from `other`."""
+    return [f"{_FIELDS[f]} (bank {getattr(self, f)!r}, given {getattr(other, f)!r})"
+            for f in _FIELDS if getattr(self, f) != getattr(other, f)]
+
+
+def _doc_gradients(params, lora, tokens, mask, *, model_config, lora_config, codec):
+  """(G, S) tokens/mask -> (codec parts per leaf, finite (G,), loss (G,))."""
+  def one(tok, msk):
+    def loss(l):
+      return losses.lm_loss(params, l, tok[None], msk[None], config=model_config,
+                            lora_config=lora_config)[0]
+    return jax.value_and_grad(loss)(lora)
+
+  loss, grads = jax.vmap(one)(tokens, mask)
+  flat = flatten(grads)
+  finite = jnp.isfinite(loss)
+  for g in flat.values():
+    finite &= jnp.all(jnp.isfinite(g.reshape(g.shape[0], -1)), axis=1)
+  return {k: codec.encode(g) for k, g in flat.items()}, finite, loss
+
+
+@functools.lru_cache(maxsize=16)
+def _jitted_step(model_config, lora_config, codec, mesh):
+  """One jitted step per static setting, shared by every computer that uses it.
+
+  A cache of compiled functions (not of state): a new computer for other params
+  or another theta* of the same shapes reuses the compiled program. Inputs arrive
+  already placed (params by the rules in parallel.py, theta* replicated, the
+  batch split over "data"), and jit keeps those shardings.
+  """
+  return jax.jit(
+      functools.partial(_doc_gradients, model_config=model_config,
+                        lora_config=lora_config, codec=codec),
+      out_shardings=parallel.data_sharded(mesh))
+
+
+class GradientComputer:
+  """Encoded per-document gradients at theta*, in sharded, bucketed batches.
+
+  Holds the params and theta* placed on the mesh and one jitted step (compiled
+  once per bucket length). The bank calls `tokenize`, `batches` and the computer
+  itself; nothing here touches storage.
+
+  Attributes:
+    identity: what the gradients depend on (stored in and checked by the bank).
+    lora_config: the LoRA layout of theta*.
+    codec: how the step encodes gradients.
+    leaf_shapes: {"gate/a": (n, d_in, r), ...} per-document gradient shapes.
+    global_batch: documents per step, batch_size x data-axis devices.
+  """
+
+  def __init__(self, params, lora, *, model_config: ModelConfig,
+               lora_config: LoraConfig, tokenizer, codec, max_len: int,
+               buckets, batch_size: int = 8, mesh=None):
+    if mesh is None:
+      mesh = parallel.make_mesh(devices=jax.local_devices())
+    foreign = [d for d in mesh.devices.flat if d.process_index != jax.process_index()]
+    if foreign:
+      raise ValueError("the bank mesh must hold only this process's devices "
+                       f"(each host computes its own rows); got {foreign[:3]}")
+    if batch_size < 1:
+      raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    self.mesh = mesh
+    self.lora_config = lora_config
+    self.codec = codec
+    self.tokenizer = tokenizer
+    self.max_len = int(max_len)
+    self.buckets = tuple(sorted(int(b) for b in buckets))
+    self.global_batch = int(batch_size) * mesh.shape[parallel.DATA]
+    self.leaf_shapes = {k: tuple(v.shape) for k, v in flatten(lora).items()}
+    self.identity = Identity.of(params, model_config, lora, lora_config, tokenizer,
+                                max_len)
+    self._params = parallel.shard_params(params, mesh)
+    self._lora = jax.device_put(lora, parallel.replicated(mesh))
+    self._data = parallel.data_sharded(mesh)
+    self._step = _jitted_step(model_config, lora_config, codec, mesh)
+
+  def tokenize(self, texts) -> list[tuple[np.ndarray, np.ndarray, bool]]:
+    return tokenize_documents(self.tokenizer, texts, self.max_len, self.buckets)
+
+  def batches(self, rows, tokenized) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Groups documents by bucket into full batches of `global_batch`.
+
+    Args:
+      rows: bank row of each document.
+      tokenized: matching (tokens, mask, truncated) from `tokenize`.
+    Yields:
+      (rows (n,) int64, tokens (G, S) int32, mask (G, S) bool): the first n
+      documents are real, the rest padding.
+    """
+    by_len = {}
+    for row, (tokens, mask, _) in zip(rows, tokenized):
+      by_len.setdefault(len(tokens), []).append((int(row), tokens, mask))
+    G = self.global_batch
+    for length in sorted(by_len):
+      group = sorted(by_len[length], key=lambda item: item[0])
+      for start in range(0, len(group), G):
+        chunk = group[start:start + G]
+        tokens = np.full((G, length), self.tokenizer.pad_id, np.int32)
+        mask = np.zeros((G, length), bool)
+        for i, (_, t, m) in enumerate(chunk):
+          tokens[i], mask[i] = t, m
+        yield np.array([c[0] for c in chunk], np.int64), tokens, mask
+
+  def __call__(self, tokens: np.ndarray, mask: np.ndarray):
+    """Dispatches one batch (asynchronously): -> (parts, finite (G,), loss (G,))."""
+    tokens, mask = jax.device_put((tokens, mask), self._data)
+    return self._step(self._params, self._lora, tokens, mask)

@@ -1,0 +1,161 @@
+"""On-disk pieces of a bank: TensorStore arrays, the manifest, commit markers, a lock.
+
+Layout of a bank directory:
+
+  manifest.json          written only by the chief (atomic replace)
+  arrays/<leaf>/<part>/  one zarr3 array per LoRA leaf and codec part; the leading
+                         dimension is the bank row, chunks hold `rows_per_chunk`
+                         whole rows (1 by default: reading K rows touches K chunks)
+  commits/*.json         one marker per committed batch, from any process: the rows
+                         it completed and the rows it refused. The chief folds
+                         markers into the manifest and then deletes them.
+  write.lock             flock'ed by the one process allowed to change the manifest
+
+NB: a batch's rows become visible only through a marker, and a marker is written
+only after TensorStore has committed (and fsync'ed) every chunk of the batch. A
+process killed at any point therefore leaves rows that are either complete and
+marked, or unmarked and recomputed by the next build; never a marked partial row.
+"""
+import contextlib
+import errno
+import fcntl
+import json
+import os
+import pathlib
+import uuid
+
+import tensorstore as ts
+
+# One context for every array of every bank: shared cache and I/O limits.
+CONTEXT = ts.Context({"file_io_concurrency": {"limit": 128}})
+
+
+def array_spec(path, shape=None, dtype: str | None = None, rows_per_chunk: int = 1
+               ) -> dict:
+  """The one TensorStore spec helper: a zarr3 array on the local file system.
+
+  Args:
+    path: the array's directory.
+    shape: (rows, *row_shape) to create it; None to open an existing array.
+    dtype: zarr3 data type name ("float32", "bfloat16", "int8") when creating.
+    rows_per_chunk: rows per chunk along the leading (row) dimension; every
+      other dimension is whole in a chunk.
+  """
+  spec = {"driver": "zarr3", "kvstore": {"driver": "file", "path": str(path)}}
+  if shape is not None:
+    spec["metadata"] = {
+        "shape": [int(s) for s in shape],
+        "data_type": dtype,
+        "chunk_grid": {"name": "regular", "configuration": {
+            "chunk_shape": [int(rows_per_chunk)] + [int(s) for s in shape[1:]]}},
+        "chunk_key_encoding": {"name": "default",
+                               "configuration": {"separator": "."}},
+        "codecs": [{"name": "bytes", "configuration": {"endian": "little"}}],
+        "fill_value": 0,
+    }
+  return spec
+
+
+def create_array(path, shape, dtype: str, rows_per_chunk: int) -> ts.TensorStore:
+  return ts.open(array_spec(path, shape, dtype, rows_per_chunk), create=True,
+                 context=CONTEXT).result()
+
+
+def open_array(path) -> ts.TensorStore:
+  return ts.open(array_spec(path), open=True, context=CONTEXT).result()
+
+
+def grow_array(array: ts.TensorStore, rows: int) -> ts.TensorStore:
+  """Extends the row dimension to `rows` (metadata only; never shrinks)."""
+  if rows <= array.shape[0]:
+    return array
+  return array.resize(exclusive_max=[rows] + [None] * (array.ndim - 1),
+                      expand_only=True, resize_metadata_only=True).result()
+
+
+def _fsync_dir(path: pathlib.Path) -> None:
+  fd = os.open(path, os.O_RDONLY)
+  try:
+    os.fsync(fd)
+  finally:
+    os.close(fd)
+
+
+def write_json_atomic(path, obj) -> None:
+  """Writes JSON to a temporary file, fsyncs, and renames it over `path`."""
+  path = pathlib.Path(path)
+  tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+  with open(tmp, "w") as f:
+    json.dump(obj, f, separators=(",", ":"))
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, path)
+  _fsync_dir(path.parent)
+
+
+def read_json(path):
+  with open(path) as f:
+    return json.load(f)
+
+
+def write_marker(commits_dir, writer: str, complete, refused: dict, truncated=()
+                 ) -> None:
+  """Records one committed batch.
+
+  Args:
+    commits_dir: the bank's commits/ folder.
+    writer: a name for the writing process (the file name's prefix).
+    complete: rows whose chunks are all committed.
+    refused: {row: reason} rows refused (nothing written for them).
+    truncated: rows (complete or refused) whose text was cut to max_len.
+  """
+  name = f"{writer}-{uuid.uuid4().hex}.json"
+  write_json_atomic(pathlib.Path(commits_dir) / name,
+                    {"complete": [int(r) for r in complete],
+                     "refused": {str(int(r)): why for r, why in refused.items()},
+                     "truncated": [int(r) for r in truncated]})
+
+
+def list_markers(commits_dir) -> list[pathlib.Path]:
+  d = pathlib.Path(commits_dir)
+  return sorted(p for p in d.glob("*.json") if not p.name.startswith(".")) if d.is_dir() else []
+
+
+def read_markers(paths) -> list[tuple[pathlib.Path, dict]]:
+  """Reads markers, skipping any the chief folded and deleted meanwhile."""
+  out = []
+  for p in paths:
+    try:
+      out.append((p, read_json(p)))
+    except FileNotFoundError:
+      continue
+  return out
+
+
+@contextlib.contextmanager
+def writer_lock(bank_dir):
+  """Exclusive right to change a bank's manifest (released on exit or death)."""
+  path = pathlib.Path(bank_dir) / "write.lock"
+  with open(path, "a") as f:
+    try:
+      fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+      if e.errno in (errno.EAGAIN, errno.EACCES):
+        raise RuntimeError(f"bank {bank_dir} is being written by another process") from e
+      raise
+    try:
+      yield
+    finally:
+      fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+def directory_bytes(path) -> int:
+  """Bytes of all files under `path` (the bank's size on disk)."""
+  total = 0
+  for root, _, files in os.walk(path):
+    for name in files:
+      try:
+        total += os.stat(os.path.join(root, name)).st_size
+      except FileNotFoundError:
+        continue
+  return total

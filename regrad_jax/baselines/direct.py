@@ -1,0 +1,38 @@
+"""Direct: the base model answers closed-book (no injected knowledge at all).
+
+The floor of the comparison: what the model answers from its pretraining alone.
+It ignores injected documents, and its generic weights are the base weights.
+"""
+from typing import Sequence
+
+from regrad_jax.baselines import common
+
+
+class Direct:
+  """Closed-book answers with the base weights.
+
+  Args:
+    params, model_cfg, tokenizer: the base model (never modified).
+    config: the full config; reads data.qa_buckets, adapt.batch_size and
+      adapt.max_new_tokens.
+  """
+  name = "direct"
+
+  def __init__(self, params: dict, model_cfg, tokenizer, config):
+    self.params, self.model_cfg, self.tokenizer = params, model_cfg, tokenizer
+    self.buckets = tuple(config.data.qa_buckets)
+    self.batch_size = int(config.adapt.batch_size)
+    self.max_new_tokens = int(config.adapt.max_new_tokens)
+
+  def inject(self, documents: Sequence) -> None:
+    del documents  # Closed-book: nothing to take in.
+
+  def answer(self, questions: Sequence[str]) -> list[str]:
+    ids = common.qa_prompt_ids(self.tokenizer, questions)
+    return common.generate_answers(
+        self.params, ids, self.tokenizer, config=self.model_cfg,
+        buckets=self.buckets, batch_size=self.batch_size,
+        max_new_tokens=self.max_new_tokens, desc=self.name)
+
+  def generic_params(self) -> dict:
+    return self.params

@@ -1,0 +1,251 @@
+"""The evaluation driver: every method on the same model, documents and questions.
+
+  results = evaluate.run(config, workdir)     # what `launch.evaluate` calls
+
+1. The model (config.model), the first config.eval.num_questions questions of
+   config.eval.split, and their knowledge base: the questions' own passages plus
+   config.data.num_distractors distractor documents (`eval_corpus`).
+2. The meta-learned state theta*, alpha (`ensure_meta_state`): config.meta.init_from
+   if set, else WORKDIR/meta_state, else a meta-training run into WORKDIR (short
+   for the tiny and quickstart configs). Its base-model and tokenizer fingerprints
+   must match the model.
+3. The ReGrad engine over the knowledge base (`build_engine`): a Gradient Bank at
+   theta* (WORKDIR/bank, resumable) and the retriever (WORKDIR/index).
+4. Each method of config.eval.methods takes in the knowledge base (CPT trains on
+   it, the retrieval methods index it), answers the questions (greedy, EM / F1
+   against the gold answers) and has its drift measured (eval/drift.py) on the
+   weights that answer a generic query.
+5. WORKDIR/results.json ({"methods": {name: {em, f1, n, ppl_general, ppl_wiki,
+   probe_acc, weight_l2, seconds}}, plus the setting), WORKDIR/results.md (the
+   table) and WORKDIR/predictions.jsonl (every answer, with retrieved ids).
+"""
+import json
+import pathlib
+import time
+
+import jax
+from absl import logging
+
+from regrad_jax import adapt
+from regrad_jax import bank as bank_lib
+from regrad_jax import baselines
+from regrad_jax import data as data_lib
+from regrad_jax import retrieval
+from regrad_jax.eval import drift as drift_lib
+from regrad_jax.eval import metrics
+from regrad_jax.eval import report
+from regrad_jax.meta import state as state_lib
+from regrad_jax.model import loaders
+
+METHODS = ("direct", "rag", "cpt", "cpt_lora", "prag", "regrad", "regrad_icl")
+RETRIEVAL_METHODS = ("rag", "prag", "regrad", "regrad_icl")
+
+
+# --- Questions and documents ---------------------------------------------------
+
+
+def select_records(config, split: str | None = None):
+  """(split documents, the first config.eval.num_questions records; -1 = all)."""
+  split = split or config.eval.split
+  docs, records = data_lib.load_split(config, split)
+  n = int(config.eval.num_questions)
+  if n == 0 or n < -1:
+    raise ValueError(f"config.eval.num_questions must be -1 or > 0, got {n}")
+  records = records if n == -1 else records[:n]
+  if not records:
+    raise ValueError(f"split {split!r} of {config.data.name!r} has no questions")
+  return docs, records
+
+
+def eval_corpus(config, split_docs, records, split: str | None = None):
+  """The knowledge base: the records' gold passages, then the distractors.
+
+  Passages of questions that are not asked are left out (a 40-question run
+  banks 40 passages, not the whole split); documents without a gold-passage link
+  cannot be placed, so a split whose records have no passage_id keeps all its
+  documents.
+  """
+  split = split or config.eval.split
+  wanted = {r.passage_id for r in records if r.passage_id is not None}
+  own = [d for d in split_docs if d.id in wanted] if wanted else list(split_docs)
+  missing = wanted - {d.id for d in own}
+  if missing:
+    raise ValueError(f"{len(missing)} gold passages are not in the {split} documents, "
+                     f"e.g. {sorted(missing)[:3]}")
+  split_ids = {d.id for d in split_docs}
+  distractors = [d for d in data_lib.load_corpus(config, split) if d.id not in split_ids]
+  return own + distractors
+
+
+# --- Meta-learned state and the engine ------------------------------------------
+
+
+def ensure_meta_state(config, workdir) -> pathlib.Path:
+  """The meta-state directory to use, meta-training into `workdir` if none exists.
+
+  Order: config.meta.init_from (used as is, never retrained here); then
+  WORKDIR/meta_state; otherwise `meta.trainer.train(config, workdir)` runs
+  config.meta.num_steps steps and writes WORKDIR/meta_state.
+  """
+  if config.meta.init_from:
+    path = pathlib.Path(config.meta.init_from).expanduser()
+    if not (path / "info.json").exists():
+      raise FileNotFoundError(f"config.meta.init_from={path} holds no meta-learned "
+                              "state (missing info.json)")
+    return path
+  path = pathlib.Path(workdir) / "meta_state"
+  if (path / "info.json").exists():
+    return path
+  from regrad_jax.meta import trainer  # Only a run without a state pays for it.
+  logging.info("No meta-learned state: meta-training %d steps into %s",
+               config.meta.num_steps, workdir)
+  trainer.train(config, workdir)
+  return path
+
+
+def load_meta(path, params, tokenizer):
+  """(theta, alpha, LoraConfig, info) of a state trained on exactly this model."""
+  theta, alpha, info = state_lib.load(
+      path, expect_base=loaders.base_fingerprint(params),
+      expect_tokenizer=tokenizer.fingerprint())
+  return theta, alpha, state_lib.lora_config_from_info(info), info
+
+
+def build_engine(config, params, model_cfg, tokenizer, meta, documents, *,
+                 bank_dir, index_dir=None):
+  """A ReGrad engine whose bank and index hold `documents`.
+
+  Args:
+    meta: (theta, alpha, LoraConfig, info) from `load_meta`.
+    documents: the knowledge base (objects with .id and .text).
+    bank_dir: the bank directory; created, resumed or extended (documents
+      already there are not recomputed; extra ones are never retrieved since
+      the index holds only `documents`).
+    index_dir: where to save the index (None: not saved).
+  """
+  theta, alpha, lora_cfg, _ = meta
+  computer = bank_lib.GradientComputer(
+      params, theta, model_config=model_cfg, lora_config=lora_cfg,
+      tokenizer=tokenizer, codec=bank_lib.codecs.from_config(config.bank),
+      max_len=config.data.max_context_len, buckets=config.data.doc_buckets,
+      batch_size=config.bank.batch_size)
+  bank = bank_lib.Bank.open_for(bank_dir, computer,
+                                rows_per_chunk=config.bank.rows_per_chunk)
+  report_ = bank.build(documents, computer, progress=True)
+  logging.info("bank %s: %s", bank_dir, report_)
+  retriever = retrieval.Retriever.build(config, documents)
+  if index_dir is not None:
+    retriever.save(index_dir)
+  return adapt.ReGrad(params, model_cfg, tokenizer, theta, alpha, lora_cfg, bank,
+                      retriever, config, computer=computer)
+
+
+def make_method(name: str, *, config, params, model_cfg, tokenizer, engine=None,
+                documents=()):
+  """The method called `name` (see METHODS) on the shared model and engine."""
+  if name == "direct":
+    return baselines.Direct(params, model_cfg, tokenizer, config)
+  if name in ("cpt", "cpt_lora"):
+    return baselines.CPT(params, model_cfg, tokenizer, config, lora=name == "cpt_lora")
+  if name in RETRIEVAL_METHODS and engine is None:
+    raise ValueError(f"method {name!r} needs the ReGrad engine's retriever")
+  if name == "rag":
+    return baselines.RAG(params, model_cfg, tokenizer, engine.retriever, documents,
+                         config)
+  if name == "prag":
+    return baselines.PRAG(params, model_cfg, tokenizer, engine.retriever, documents,
+                          config)
+  if name in ("regrad", "regrad_icl"):
+    return baselines.ReGradMethod(engine, mode="blind" if name == "regrad" else "icl",
+                                  k=config.adapt.k)
+  raise ValueError(f"unknown method {name!r}; choose from {METHODS}")
+
+
+def check_methods(names) -> tuple[str, ...]:
+  names = tuple(names)
+  bad = [n for n in names if n not in METHODS]
+  if bad or not names or len(set(names)) != len(names):
+    raise ValueError(f"config.eval.methods={names}: each must be one of {METHODS}, "
+                     "at least one, no repeats")
+  return names
+
+
+def score(method, records) -> tuple[dict, list[dict]]:
+  """Asks `method` every question: ({"em", "f1", "n"}, per-question rows)."""
+  preds = method.answer([r.question for r in records])
+  result = metrics.aggregate(preds, [r.answers for r in records])
+  doc_ids = getattr(method, "last_doc_ids", None) or [None] * len(records)
+  rows = [{"method": method.name, "id": r.id, "question": r.question,
+           "answers": list(r.answers), "prediction": p, "doc_ids": d}
+          for r, p, d in zip(records, preds, doc_ids)]
+  return result, rows
+
+
+# --- The whole evaluation --------------------------------------------------------
+
+
+def run(config, workdir) -> dict:
+  """Evaluates config.eval.methods; writes results.json / results.md / predictions.
+
+  Returns the results dict (as written to WORKDIR/results.json).
+  """
+  t_start = time.perf_counter()
+  workdir = pathlib.Path(workdir).absolute()
+  workdir.mkdir(parents=True, exist_ok=True)
+  names = check_methods(config.eval.methods)
+  params, model_cfg, tokenizer = loaders.load_model(config.model, seed=config.seed)
+  split_docs, records = select_records(config)
+  corpus = eval_corpus(config, split_docs, records)
+  logging.info("%d questions of %s/%s, %d documents", len(records), config.data.name,
+               config.eval.split, len(corpus))
+
+  engine, meta_path, meta_info = None, None, None
+  if any(n in RETRIEVAL_METHODS for n in names):
+    meta_path = ensure_meta_state(config, workdir)
+    meta = load_meta(meta_path, params, tokenizer)
+    meta_info = {k: meta[3].get(k) for k in ("step", "dev", "mode", "alpha_mode")}
+    engine = build_engine(config, params, model_cfg, tokenizer, meta, corpus,
+                          bank_dir=workdir / "bank", index_dir=workdir / "index")
+
+  meter = drift_lib.DriftMeter(
+      params, tokenizer, model_cfg,
+      drift_lib.load_drift_data(config, corpus_ids=[d.id for d in corpus]),
+      window=int(config.eval.ppl_window), batch_size=int(config.eval.batch_size),
+      probe_tokens=int(config.eval.probe_tokens))
+  results, predictions = {}, []
+  for name in names:
+    t0 = time.perf_counter()
+    method = make_method(name, config=config, params=params, model_cfg=model_cfg,
+                         tokenizer=tokenizer, engine=engine, documents=corpus)
+    method.inject(corpus)
+    qa, rows = score(method, records)
+    figures = {**qa, **meter.measure(method.generic_params())}
+    figures["seconds"] = round(time.perf_counter() - t0, 1)
+    results[name] = figures
+    predictions += rows
+    logging.info("%s: %s", name, figures)
+    del method  # CPT holds a weight copy and optimiser state.
+
+  out = {
+      "methods": results,
+      "setting": {
+          "model": config.model.source, "data": config.data.name,
+          "split": config.eval.split, "num_questions": len(records),
+          "num_documents": len(corpus), "k": int(config.adapt.k),
+          "meta_state": None if meta_path is None else str(meta_path),
+          "meta_state_info": meta_info, "devices": jax.device_count(),
+      },
+      "drift": {"weights": "the weights that answer a generic query; ReGrad, RAG, "
+                           "PRAG, Direct: the base weights; CPT: fine-tuned "
+                           "(LoRA merged)",
+                "probe": f"greedy {config.eval.probe_tokens}-token cloze "
+                         "continuation; gold answer within the first words",
+                "ppl": f"token-level, windows <= {config.eval.ppl_window} tokens"},
+      "seconds": round(time.perf_counter() - t_start, 1),
+  }
+  (workdir / "results.json").write_text(json.dumps(out, indent=2))
+  (workdir / "results.md").write_text(report.results_table(results) + "\n")
+  with open(workdir / "predictions.jsonl", "w") as f:
+    for row in predictions:
+      f.write(json.dumps(row) + "\n")
+  return out

@@ -1,0 +1,54 @@
+"""The meta-learned state theta*, alpha: saved with orbax plus a JSON description.
+
+Layout of a state directory:
+  DIR/arrays/   orbax StandardCheckpointer tree {"theta": LoRA tree, "alpha": ...}
+  DIR/info.json lora config, alpha mode, fingerprints of the base weights and the
+                tokenizer, the training step and dev metrics, and the config.
+The bank, the evaluation and the quickstart refuse a state whose base-weight or
+tokenizer fingerprint differs from the model they run.
+"""
+import json
+import pathlib
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from regrad_jax.model.lora import LoraConfig
+
+
+def save(path, theta: dict, alpha, info: dict) -> None:
+  """Writes theta, alpha and info to a fresh directory `path` (replaced if present)."""
+  path = pathlib.Path(path).absolute()
+  ckpt = ocp.StandardCheckpointer()
+  ckpt.save(path / "arrays", {"theta": theta, "alpha": alpha}, force=True)
+  ckpt.wait_until_finished()
+  (path / "info.json").write_text(json.dumps(info, indent=2, sort_keys=True))
+
+
+def load(path, *, expect_base: str | None = None,
+         expect_tokenizer: str | None = None):
+  """Reads a state directory -> (theta, alpha, info) as NumPy-backed trees.
+
+  Raises:
+    FileNotFoundError: no state at `path`.
+    ValueError: the state was meta-learned on different base weights or tokenizer.
+  """
+  path = pathlib.Path(path).absolute()
+  if not (path / "info.json").exists():
+    raise FileNotFoundError(f"no meta-learned state at {path} (missing info.json)")
+  info = json.loads((path / "info.json").read_text())
+  for name, want in (("base_fingerprint", expect_base),
+                     ("tokenizer_fingerprint", expect_tokenizer)):
+    if want is not None and info.get(name) != want:
+      raise ValueError(f"meta state at {path} was trained with {name}="
+                       f"{info.get(name)}, but the model here has {want}")
+  tree = ocp.StandardCheckpointer().restore(path / "arrays")
+  tree = jax.tree.map(np.asarray, tree)
+  return tree["theta"], tree["alpha"], info
+
+
+def lora_config_from_info(info: dict) -> LoraConfig:
+  c = info["lora"]
+  return LoraConfig(rank=c["rank"], alpha=c["alpha"], start=c["start"],
+                    stop=c["stop"], targets=tuple(c["targets"]))

@@ -1,0 +1,115 @@
+"""Meta-learning tasks (C, q, a): the gold passage plus k-1 BM25 neighbours.
+
+A task holds, as padded NumPy arrays:
+  doc_tokens  (k, Sd) int32 / doc_mask (k, Sd) bool   the passages, "Passage i: ..."
+  qa_tokens   (Sq,)   int32 / qa_mask  (Sq,)   bool   prompt + answer + EOS
+  target_mask (Sq,)   bool   True on answer tokens (the only ones the QA loss sees)
+Sd and Sq are chosen from config.data.doc_buckets / qa_buckets, so a meta-batch has
+one of a handful of shapes. The passages are shuffled (a seeded permutation per
+task), so the gold passage is not always first.
+"""
+import dataclasses
+
+import bm25s
+import numpy as np
+
+from regrad_jax import batching
+from regrad_jax import prompts
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+  id: str
+  question: str
+  answers: tuple[str, ...]
+  passages: tuple[str, ...]  # Raw passage texts, in task order.
+  doc_ids: list[list[int]]  # Token ids per passage (truncated, unpadded).
+  qa_ids: list[int]  # Prompt + answer + EOS.
+  n_prompt: int  # Prompt length within qa_ids.
+
+
+class BM25Neighbours:
+  """BM25 over a passage corpus, to pick a question's k-1 distractor passages."""
+
+  def __init__(self, doc_ids: list[str], texts: list[str]):
+    self.doc_ids = list(doc_ids)
+    self._retriever = bm25s.BM25()
+    self._retriever.index(bm25s.tokenize(texts, stopwords="en", show_progress=False),
+                          show_progress=False)
+
+  def top(self, questions: list[str], k: int) -> list[list[str]]:
+    k = min(k, len(self.doc_ids))
+    idx, _ = self._retriever.retrieve(
+        bm25s.tokenize(questions, stopwords="en", show_progress=False), k=k,
+        show_progress=False)
+    return [[self.doc_ids[j] for j in row] for row in np.asarray(idx)]
+
+
+def build_tasks(records, documents, tokenizer, *, k: int, mode: str,
+                max_context_len: int, seed: int = 0) -> list[Task]:
+  """Turns QA records into tasks.
+
+  Args:
+    records: QARecords with passage_id naming their gold document.
+    documents: the corpus the gold passages and the neighbours come from.
+    tokenizer: the model's tokenizer.
+    k: passages per task (gold + k-1 neighbours by BM25 on the question).
+    mode: "blind" (QA prompt without passages) or "icl" (passages in the prompt).
+    max_context_len: passage truncation in tokens.
+    seed: seeds the per-task passage shuffle.
+  """
+  if mode not in ("blind", "icl"):
+    raise ValueError(f"mode must be 'blind' or 'icl', got {mode!r}")
+  text = {d.id: d.text for d in documents}
+  missing = [r.id for r in records if r.passage_id not in text]
+  if missing:
+    raise ValueError(f"{len(missing)} records have no gold passage in the corpus, "
+                     f"e.g. {missing[:3]}")
+  neighbours = [[] for _ in records]
+  if k > 1:
+    bm25 = BM25Neighbours(list(text), list(text.values()))
+    hits = bm25.top([r.question for r in records], k)
+    neighbours = [[h for h in row if h != r.passage_id][:k - 1]
+                  for r, row in zip(records, hits)]
+  tasks = []
+  for i, (r, extra) in enumerate(zip(records, neighbours)):
+    ids = [r.passage_id] + extra
+    order = np.random.default_rng([seed, i]).permutation(len(ids))
+    passages = tuple(text[ids[j]] for j in order)
+    doc_ids = [prompts.encode_document(tokenizer, p, max_context_len, index=n + 1)[0]
+               for n, p in enumerate(passages)]
+    qa_ids, n_prompt = prompts.encode_qa(
+        tokenizer, r.question, r.answers[0],
+        list(passages) if mode == "icl" else None)
+    tasks.append(Task(r.id, r.question, tuple(r.answers), passages, doc_ids,
+                      qa_ids, n_prompt))
+  return tasks
+
+
+def collate(tasks: list[Task], *, doc_buckets, qa_buckets, pad_id: int) -> dict:
+  """Pads a list of tasks into one meta-batch of arrays.
+
+  Returns a dict of NumPy arrays: doc_tokens/doc_mask (T, k, Sd),
+  qa_tokens/qa_mask/target_mask (T, Sq). All tasks must have the same k.
+  """
+  ks = {len(t.doc_ids) for t in tasks}
+  if len(ks) != 1:
+    raise ValueError(f"tasks in a batch must have the same k, got {sorted(ks)}")
+  longest_doc = max(len(d) for t in tasks for d in t.doc_ids)
+  longest_qa = max(len(t.qa_ids) for t in tasks)
+  if longest_doc > max(doc_buckets) or longest_qa > max(qa_buckets):
+    raise ValueError(
+        f"a task needs {longest_doc} passage / {longest_qa} QA tokens but the "
+        f"largest buckets are {max(doc_buckets)} / {max(qa_buckets)}: raise "
+        "config.data.doc_buckets / qa_buckets (ICL prompts hold k passages)")
+  sd = batching.bucket(longest_doc, doc_buckets)
+  sq = batching.bucket(longest_qa, qa_buckets)
+  docs = [batching.pad(t.doc_ids, sd, pad_id) for t in tasks]
+  qa_tokens, qa_mask = batching.pad([t.qa_ids for t in tasks], sq, pad_id)
+  target = np.zeros_like(qa_mask)
+  for i, t in enumerate(tasks):
+    target[i, t.n_prompt:len(t.qa_ids)] = True
+  target &= qa_mask  # Answers cut off by the bucket are not targets.
+  return {"doc_tokens": np.stack([d[0] for d in docs]),
+          "doc_mask": np.stack([d[1] for d in docs]),
+          "qa_tokens": qa_tokens, "qa_mask": qa_mask, "target_mask": target}

@@ -1,0 +1,243 @@
+"""Meta-training loop: AdamW on (theta, alpha), orbax checkpoints, dev evaluation.
+
+One meta-step takes T tasks, splits them over the mesh's "data" axis (shard_map),
+runs each device's tasks one after another with accumulated second-order
+gradients, averages over devices, clips the global norm and applies AdamW with a
+linear warm-up (from start_factor * lr) then linear decay to 0.
+
+The batch for step s is a pure function of (seed, s), and the checkpoint holds
+(step, meta, optimiser state), so an interrupted run resumed from its last
+checkpoint reaches the same state as an uninterrupted one.
+"""
+import functools
+import json
+import pathlib
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from absl import logging
+from jax.sharding import PartitionSpec as P
+from tqdm import tqdm
+
+from regrad_jax import batching
+from regrad_jax import data as data_lib
+from regrad_jax import fingerprint
+from regrad_jax import parallel
+from regrad_jax.eval import metrics
+from regrad_jax.meta import objective
+from regrad_jax.meta import state as state_lib
+from regrad_jax.meta import tasks as tasks_lib
+from regrad_jax.model import generate as generate_lib
+from regrad_jax.model import lora as lora_lib
+from regrad_jax.model import loaders
+
+
+def make_optimizer(mc, num_steps: int) -> optax.GradientTransformation:
+  """Clip -> AdamW with warm-up/decay; alpha frozen in "fix" mode."""
+  warm = max(1, int(round(mc.warmup_frac * num_steps)))
+  schedule = optax.join_schedules(
+      [optax.linear_schedule(mc.lr * mc.warmup_start_factor, mc.lr, warm),
+       optax.linear_schedule(mc.lr, 0.0, max(1, num_steps - warm))], [warm])
+  adamw = optax.adamw(schedule, weight_decay=mc.weight_decay)
+  if mc.alpha_mode == "fix":
+    labels = lambda meta: {"theta": jax.tree.map(lambda _: "train", meta["theta"]),
+                           "alpha": jax.tree.map(lambda _: "frozen", meta["alpha"])}
+    adamw = optax.multi_transform({"train": adamw, "frozen": optax.set_to_zero()},
+                                  labels)
+  return optax.chain(optax.clip_by_global_norm(mc.clip_norm), adamw)
+
+
+def make_step(mesh, tx, **objective_kw):
+  """jit(meta, opt_state, params, batch) -> (meta, opt_state, metrics).
+
+  batch leaves (T, ...) with T divisible by the mesh's data axis; params and meta
+  are replicated.
+  """
+  def local(meta, params, batch):
+    loss, grads = objective.batch_loss_and_grad(meta, params, batch, **objective_kw)
+    return (jax.lax.pmean(loss, parallel.DATA),
+            jax.lax.pmean(grads, parallel.DATA))
+
+  # NB: check_vma=False because the scan in batch_loss_and_grad starts from
+  # replicated zeros and accumulates device-varying values; pmean makes the
+  # outputs replicated again, as out_specs P() states.
+  sharded = jax.shard_map(local, mesh=mesh, in_specs=(P(), P(), P(parallel.DATA)),
+                          out_specs=(P(), P()), check_vma=False)
+
+  @jax.jit
+  def step(meta, opt_state, params, batch):
+    loss, grads = sharded(meta, params, batch)
+    updates, opt_state = tx.update(grads, opt_state, meta)
+    return optax.apply_updates(meta, updates), opt_state, {
+        "loss": loss, "grad_norm": optax.global_norm(grads)}
+
+  return step
+
+
+def batch_indices(seed: int, step: int, batch_size: int, n: int) -> np.ndarray:
+  """Task indices of a step: epoch-wise permutations, a pure function of step."""
+  out = []
+  for i in range(step * batch_size, (step + 1) * batch_size):
+    epoch, pos = divmod(i, n)
+    out.append(np.random.default_rng([seed, epoch]).permutation(n)[pos])
+  return np.asarray(out)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "lora_config",
+                                             "max_new_tokens"))
+def adapted_answers(params, meta, doc_tokens, doc_mask, prompt_tokens, prompt_mask,
+                    *, config, lora_config, max_new_tokens=20):
+  """Greedy answers of Q tasks, each with theta' from its own passages.
+
+  doc_tokens/doc_mask: (Q, k, Sd); prompt_tokens/prompt_mask: (Q, P) (any padding).
+  Returns (Q, max_new_tokens) int32.
+  """
+  grads = jax.vmap(lambda d, m: objective.inner_grad(
+      params, meta["theta"], d, m, config=config, lora_config=lora_config))(
+          doc_tokens, doc_mask)
+  lora = objective.batched_adapt(meta["theta"], meta["alpha"], grads)
+  return generate_lib.generate(params, prompt_tokens, prompt_mask, config=config,
+                               lora=lora, lora_config=lora_config,
+                               max_new_tokens=max_new_tokens)
+
+
+def evaluate(params, meta, tasks, tokenizer, *, config, lora_config, data_cfg,
+             batch_size=8, max_new_tokens=20) -> dict:
+  """EM/F1 (percent) of greedy answers after the task's inner update."""
+  preds, golds = [], []
+  for i in range(0, len(tasks), batch_size):
+    chunk = tasks[i:i + batch_size]
+    chunk = chunk + [chunk[-1]] * (batch_size - len(chunk))  # One batch shape.
+    b = tasks_lib.collate(chunk, doc_buckets=data_cfg.doc_buckets,
+                          qa_buckets=data_cfg.qa_buckets, pad_id=tokenizer.pad_id)
+    plen = batching.bucket(max(t.n_prompt for t in chunk), data_cfg.qa_buckets)
+    prompt, pmask = batching.pad([t.qa_ids[:t.n_prompt] for t in chunk], plen,
+                                 tokenizer.pad_id, left=True)
+    out = np.asarray(adapted_answers(
+        params, meta, b["doc_tokens"], b["doc_mask"], prompt, pmask, config=config,
+        lora_config=lora_config, max_new_tokens=max_new_tokens))
+    n = min(batch_size, len(tasks) - i)
+    preds += [tokenizer.decode(row).strip() for row in out[:n]]
+    golds += [t.answers for t in chunk[:n]]
+  return metrics.aggregate(preds, golds)
+
+
+def _check_finite(step: int, m: dict) -> None:
+  bad = [k for k, v in m.items() if not np.isfinite(v)]
+  if bad:
+    raise FloatingPointError(
+        f"meta-training step {step}: non-finite {', '.join(bad)} "
+        f"({ {k: m[k] for k in bad} }); lower meta.lr or alpha_init")
+
+
+def train(config, workdir) -> dict:
+  """Meta-trains theta, alpha on config.data's training tasks; returns a summary.
+
+  Writes workdir/checkpoints (orbax, resumable), workdir/meta_state (the best
+  dev-F1 state, or the last one without evaluation) and workdir/metrics.jsonl.
+  """
+  workdir = pathlib.Path(workdir).absolute()
+  mc, dc = config.meta, config.data
+  params, model_cfg, tokenizer = loaders.load_model(config.model)
+  lcfg = lora_lib.LoraConfig.from_config(config.lora, model_cfg)
+  mesh = parallel.mesh_from_config(config)
+  if mc.batch_size % mesh.shape[parallel.DATA]:
+    raise ValueError(f"meta.batch_size={mc.batch_size} must divide over "
+                     f"{mesh.shape[parallel.DATA]} data-parallel devices")
+
+  train_docs, train_recs = data_lib.load_split(config, "train")
+  if mc.num_train_tasks > 0:
+    train_recs = train_recs[:mc.num_train_tasks]
+  task_kw = dict(k=mc.k, mode=mc.mode, max_context_len=dc.max_context_len,
+                 seed=config.seed)
+  train_tasks = tasks_lib.build_tasks(train_recs, train_docs, tokenizer, **task_kw)
+  dev_tasks = []
+  if mc.eval_every > 0 and mc.num_eval > 0:
+    dev_docs, dev_recs = data_lib.load_split(config, "dev")
+    dev_tasks = tasks_lib.build_tasks(dev_recs[:mc.num_eval], dev_docs, tokenizer,
+                                      **task_kw)
+  logging.info("%d train tasks, %d dev tasks, LoRA %s", len(train_tasks),
+               len(dev_tasks), lcfg)
+
+  if mc.init_from:
+    theta, alpha, _ = state_lib.load(mc.init_from)
+  else:
+    theta = lora_lib.init_lora(jax.random.key(config.seed), model_cfg, lcfg)
+    alpha = objective.init_alpha(theta, mc.alpha_mode, mc.alpha_init)
+  meta = {"theta": theta, "alpha": alpha}
+  tx = make_optimizer(mc, mc.num_steps)
+  opt_state = tx.init(meta)
+  step_fn = make_step(mesh, tx, config=model_cfg, lora_config=lcfg,
+                      alpha_mode=mc.alpha_mode, first_order=mc.first_order,
+                      remat=mc.remat)
+  replicated = parallel.replicated(mesh)
+  params = jax.device_put(params, replicated)
+
+  manager = ocp.CheckpointManager(
+      workdir / "checkpoints",
+      options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True))
+  start = 0
+  if manager.latest_step() is not None:
+    start = manager.latest_step()
+    restored = manager.restore(start, args=ocp.args.StandardRestore(
+        {"meta": meta, "opt_state": opt_state}))
+    meta, opt_state = restored["meta"], restored["opt_state"]
+    logging.info("resumed from step %d", start)
+  meta, opt_state = jax.device_put((meta, opt_state), replicated)
+
+  info = {
+      "lora": {"rank": lcfg.rank, "alpha": lcfg.alpha, "start": lcfg.start,
+               "stop": lcfg.stop, "targets": list(lcfg.targets)},
+      "alpha_mode": mc.alpha_mode, "mode": mc.mode,
+      "first_order": bool(mc.first_order),
+      "base_fingerprint": fingerprint.tree_fingerprint(params),
+      "tokenizer_fingerprint": tokenizer.fingerprint(),
+      "config": json.loads(config.to_json_best_effort()),
+  }
+  eval_kw = dict(config=model_cfg, lora_config=lcfg, data_cfg=dc)
+  best_f1 = -1.0
+  if parallel.is_chief() and (workdir / "meta_state" / "info.json").exists():
+    best_f1 = json.loads((workdir / "meta_state" / "info.json").read_text()).get(
+        "dev", {}).get("f1", -1.0)
+  log = open(workdir / "metrics.jsonl", "a") if parallel.is_chief() else None
+  bar = tqdm(range(start, mc.num_steps), initial=start, total=mc.num_steps,
+             desc="meta-train", disable=not parallel.is_chief())
+  last = {}
+  for step in bar:
+    idx = batch_indices(config.seed, step, mc.batch_size, len(train_tasks))
+    batch = tasks_lib.collate([train_tasks[i] for i in idx], doc_buckets=dc.doc_buckets,
+                              qa_buckets=dc.qa_buckets, pad_id=tokenizer.pad_id)
+    batch = jax.device_put(batch, parallel.data_sharded(mesh))
+    t0 = time.perf_counter()
+    meta, opt_state, m = step_fn(meta, opt_state, params, batch)
+    m = {k: float(v) for k, v in m.items()}
+    m["step_time"] = time.perf_counter() - t0
+    _check_finite(step + 1, m)
+    alphas = np.concatenate([np.ravel(a) for a in jax.tree.leaves(meta["alpha"])])
+    m.update(step=step + 1, alpha_mean=float(alphas.mean()),
+             alpha_min=float(alphas.min()), alpha_max=float(alphas.max()))
+    bar.set_postfix(loss=f"{m['loss']:.3f}", gnorm=f"{m['grad_norm']:.2f}",
+                    alpha=f"{m['alpha_mean']:.2e}")
+    if dev_tasks and ((step + 1) % mc.eval_every == 0 or step + 1 == mc.num_steps):
+      m["dev"] = evaluate(params, meta, dev_tasks, tokenizer, **eval_kw)
+      logging.info("step %d dev %s", step + 1, m["dev"])
+      if m["dev"]["f1"] > best_f1 and parallel.is_chief():
+        best_f1 = m["dev"]["f1"]
+        state_lib.save(workdir / "meta_state", meta["theta"], meta["alpha"],
+                       {**info, "step": step + 1, "dev": m["dev"]})
+    if log:
+      log.write(json.dumps(m) + "\n")
+      log.flush()
+    if (step + 1) % mc.checkpoint_every == 0 or step + 1 == mc.num_steps:
+      manager.save(step + 1, args=ocp.args.StandardSave(
+          {"meta": meta, "opt_state": opt_state}))
+    last = m
+  manager.wait_until_finished()
+  if not dev_tasks and parallel.is_chief():
+    state_lib.save(workdir / "meta_state", meta["theta"], meta["alpha"],
+                   {**info, "step": mc.num_steps})
+  return {"last": last, "best_dev_f1": best_f1, "meta": meta}

@@ -1,0 +1,118 @@
+"""Meshes, shardings and multi-host start-up: the one place for device layout.
+
+A 2-D mesh ("data", "model") is built from the config. Documents, tasks and queries
+are split over "data"; large weight matrices may be split over "model" by the
+logical-axis rules below (on a single CPU or GPU "model" has size 1 and every
+parameter is replicated). Mesh axes are Auto (the sharding-in-types Explicit mode
+changes the semantics of shard_map and sharding constraints, and this code relies
+on jit's propagation from in/out shardings).
+"""
+import os
+import re
+
+import jax
+import numpy as np
+from absl import logging
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+DATA, MODEL = "data", "model"
+
+# Regex on the '/'-joined param path -> PartitionSpec. First match wins.
+PARAM_RULES = (
+    (r"^embed$", P(MODEL, None)),
+    (r"^lm_head$", P(None, MODEL)),
+    (r"^layers/(q|k|v|gate|up)$", P(None, None, MODEL)),
+    (r"^layers/(o|down)$", P(None, MODEL, None)),
+    (r".*", P()),
+)
+
+
+def maybe_initialize_distributed(enabled: bool) -> None:
+  """Calls jax.distributed.initialize() once when asked.
+
+  Coordinator address, process count and id come from the environment
+  (JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID) or, on Cloud TPU and
+  SLURM, are auto-detected by JAX. Must run before any other JAX call.
+  """
+  if not enabled or jax.distributed.is_initialized():
+    return
+  kw = {}
+  if "JAX_COORDINATOR_ADDRESS" in os.environ:
+    kw = dict(coordinator_address=os.environ["JAX_COORDINATOR_ADDRESS"],
+              num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
+              process_id=int(os.environ["JAX_PROCESS_ID"]))
+  jax.distributed.initialize(**kw)
+  logging.info("process %d/%d, %d local / %d global devices", jax.process_index(),
+               jax.process_count(), jax.local_device_count(), jax.device_count())
+
+
+def make_mesh(data: int = -1, model: int = 1, devices=None) -> Mesh:
+  """A ("data", "model") mesh over all (global) devices; -1 fills the data axis."""
+  devices = jax.devices() if devices is None else devices
+  n = len(devices)
+  if data == -1:
+    if n % model:
+      raise ValueError(f"{n} devices are not divisible by model={model}")
+    data = n // model
+  if data * model != n:
+    raise ValueError(f"mesh data={data} x model={model} != {n} devices")
+  grid = np.asarray(devices).reshape(data, model)
+  return Mesh(grid, (DATA, MODEL), axis_types=(AxisType.Auto, AxisType.Auto))
+
+
+def mesh_from_config(config) -> Mesh:
+  return make_mesh(int(config.mesh.data), int(config.mesh.model))
+
+
+def _path_str(path) -> str:
+  return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+
+
+def param_specs(params, rules=PARAM_RULES):
+  """A PartitionSpec per leaf from the regex rules (dimensions that do not divide
+  the axis size stay replicated)."""
+  def spec(path, leaf):
+    name = _path_str(path)
+    for pattern, s in rules:
+      if re.match(pattern, name):
+        return s
+    return P()
+  return jax.tree_util.tree_map_with_path(spec, params)
+
+
+def param_shardings(params, mesh: Mesh, rules=PARAM_RULES):
+  """NamedShardings for params; replicated where a dim does not divide evenly."""
+  def fit(leaf, spec):
+    dims = list(spec) + [None] * (leaf.ndim - len(spec))
+    for i, axis in enumerate(dims):
+      if axis is not None and leaf.shape[i] % mesh.shape[axis]:
+        dims[i] = None
+    return NamedSharding(mesh, P(*dims))
+  return jax.tree.map(fit, params, param_specs(params, rules))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def data_sharded(mesh: Mesh) -> NamedSharding:
+  """Leading axis split over "data" (batches of documents, tasks, queries)."""
+  return NamedSharding(mesh, P(DATA))
+
+
+def shard_params(params, mesh: Mesh):
+  """Places params on the mesh by the rules (a new tree; the input is untouched)."""
+  return jax.device_put(params, param_shardings(params, mesh))
+
+
+def process_slice(n: int) -> slice:
+  """This process's contiguous share of n items (multi-host: each process loads,
+  computes and writes only its rows)."""
+  per = -(-n // jax.process_count())
+  start = jax.process_index() * per
+  return slice(min(start, n), min(start + per, n))
+
+
+def is_chief() -> bool:
+  """Process 0 alone writes manifests, checkpoint metadata and logs."""
+  return jax.process_index() == 0

@@ -1,0 +1,81 @@
+"""BM25 over document texts (bm25s), behind the same interface as the dense indexes.
+
+Text is lower-cased, split with bm25s' regex tokenizer (words of 2+ word
+characters) and English stopwords are dropped; no stemming (the reference
+ReGrad retriever is plain BM25 on the question). Query words absent from the
+corpus are ignored; a query left with none scores every document 0.
+
+On disk: `index.json` (ids) and bm25s' own files in `bm25s/` (score arrays as
+.npy written and read with allow_pickle=False, vocabulary and parameters as
+JSON, the texts as `corpus.jsonl`, which `add` / `remove` need to rebuild).
+"""
+import pathlib
+import shutil
+
+import bm25s
+import numpy as np
+
+from regrad_jax.retrieval import index as index_lib
+
+
+def _tokenize(texts: list[str]) -> list[list[str]]:
+  return bm25s.tokenize(texts, lower=True, stopwords="en", return_ids=False, show_progress=False)
+
+
+class BM25Index(index_lib.Index):
+  """Okapi BM25 (bm25s "lucene" variant) with parameters k1 and b."""
+  kind = "bm25"
+
+  def __init__(self, k1: float = 1.5, b: float = 0.75):
+    super().__init__()
+    self.k1, self.b = k1, b
+    self._corpus: list[str] = []
+    self._bm25 = None
+
+  def knobs(self):
+    return {"k1": self.k1, "b": self.b}
+
+  def _check_rows(self, ids, texts, embeddings):
+    if texts is None or isinstance(texts, str) or len(texts) != len(ids):
+      raise ValueError(f"BM25 needs one text per id ({len(ids)} ids).")
+    bad = [i for i, t in zip(ids, texts) if not isinstance(t, str)]
+    if bad:
+      raise TypeError(f"Texts must be strings (ids {bad[:3]}).")
+    return list(texts), None
+
+  def _texts(self):
+    return list(self._corpus)
+
+  def _set_rows(self, ids, texts, embeddings):
+    self._ids, self._corpus, self._bm25 = ids, texts, None
+    if ids:
+      self._bm25 = bm25s.BM25(k1=self.k1, b=self.b)
+      self._bm25.index(_tokenize(texts), show_progress=False)
+
+  def _search_rows(self, queries, k):
+    if isinstance(queries, str) or not queries or not all(isinstance(q, str) for q in queries):
+      raise TypeError("BM25 searches a non-empty list of query strings.")
+    rows, scores = self._bm25.retrieve(_tokenize(list(queries)), k=k, show_progress=False,
+                                       backend_selection="numpy")
+    return np.asarray(rows, np.int64), np.asarray(scores, np.float32)
+
+  def _save_extra(self, directory):
+    bdir = directory / "bm25s"
+    if bdir.exists():
+      shutil.rmtree(bdir)
+    if self._bm25 is not None:
+      self._bm25.save(str(bdir), corpus=self._corpus, show_progress=False,
+                      raise_on_serialization_error=True)
+
+  def _load_extra(self, directory, ids):
+    self._ids, self._corpus, self._bm25 = ids, [], None
+    if not ids:
+      return
+    self._bm25 = bm25s.BM25.load(str(directory / "bm25s"), load_corpus=True, mmap=False,
+                                 allow_pickle=False, show_progress=False)
+    # bm25s saves plain-string corpus entries as {"id": row, "text": text}.
+    self._corpus = [doc["text"] for doc in self._bm25.corpus]
+    self._bm25.corpus = None  # We map rows to ids ourselves.
+    if len(self._corpus) != len(ids):
+      raise ValueError(f"{directory}: {len(ids)} ids but {len(self._corpus)} BM25 texts.")
+

@@ -1,0 +1,172 @@
+"""Retriever: documents in, top-k document ids per question out.
+
+Stage 3 of ReGrad retrieves the top-K documents for each question, then
+fetches their gradients from the bank by id. The retriever is an encoder
+(MiniLM, or the random tiny one) plus a dense index (ScaNN or brute force), or
+BM25 on the raw text, chosen by `config.retrieval`:
+
+  retriever = Retriever.build(config, documents)  # objects with .id and .text
+  ids, scores = retriever.search(questions, k=3)   # list[list[str]], (Q, k')
+  retriever.save(directory); Retriever.load(directory)
+
+Ids are the documents' own ids, the same keys as the bank's rows; `add`
+(upsert) and `remove` keep the index in step when the bank changes.
+"""
+import json
+import os
+import pathlib
+from typing import Any, Iterable, Sequence
+
+from absl import logging
+import numpy as np
+
+from regrad_jax.retrieval import bm25
+from regrad_jax.retrieval import encoder as encoder_lib
+from regrad_jax.retrieval import index as index_lib
+
+_RETRIEVER_JSON = "retriever.json"
+
+
+def make_index(retrieval_config) -> index_lib.Index:
+  """An empty index for `config.retrieval.backend` (scann | brute | bm25)."""
+  backend = retrieval_config.backend
+  if backend == "scann":
+    return index_lib.ScannIndex.from_config(retrieval_config.scann)
+  if backend == "brute":
+    return index_lib.BruteForceIndex()
+  if backend == "bm25":
+    return bm25.BM25Index()
+  raise ValueError(f"Unknown retrieval backend {backend!r}; use scann, brute or bm25.")
+
+
+def make_encoder(name: str) -> encoder_lib.Encoder:
+  """`config.retrieval.encoder`: "tiny", a registry name ("minilm") or a BERT folder."""
+  if name == "tiny":
+    return encoder_lib.Encoder.tiny()
+  return encoder_lib.Encoder.load(name)
+
+
+def load_index(directory: str | os.PathLike) -> index_lib.Index:
+  """Loads a saved index of any kind."""
+  kinds = {c.kind: c for c in (index_lib.BruteForceIndex, index_lib.ScannIndex, bm25.BM25Index)}
+  kind = index_lib.read_index_meta(pathlib.Path(directory))["kind"]
+  if kind not in kinds:
+    raise ValueError(f"{directory}: unknown index kind {kind!r}; known {sorted(kinds)}.")
+  return kinds[kind].load(directory)
+
+
+class Retriever:
+  """An index plus, for dense backends, the encoder that embeds texts for it.
+
+  Attributes:
+    index: any `index.Index`.
+    encoder: an `encoder.Encoder`, or None for BM25.
+    batch_size: texts per encoder call.
+  """
+
+  def __init__(self, index: index_lib.Index, encoder: encoder_lib.Encoder | None,
+               batch_size: int = 64):
+    dense = isinstance(index, index_lib.DenseIndex)
+    if dense != (encoder is not None):
+      raise ValueError("A dense index needs an encoder; BM25 takes none.")
+    if dense and len(index) and index.dim != encoder.dim:
+      raise ValueError(f"Index dim {index.dim} != encoder dim {encoder.dim}.")
+    self.index, self.encoder, self.batch_size = index, encoder, batch_size
+
+  @classmethod
+  def build(cls, config, documents: Iterable[Any]) -> "Retriever":
+    """Indexes `documents` (objects with string .id and .text) as `config.retrieval` says."""
+    rc = config.retrieval
+    index = make_index(rc)
+    encoder = None if isinstance(index, bm25.BM25Index) else make_encoder(rc.encoder)
+    retriever = cls(index, encoder, rc.batch_size)
+    ids, texts = _unpack(documents)
+    if not ids:
+      raise ValueError("No documents to index.")
+    index.build(ids, texts, retriever._embed(texts))
+    logging.info("Indexed %d documents with %s.", len(index), index.kind)
+    return retriever
+
+  def __len__(self) -> int:
+    return len(self.index)
+
+  @property
+  def ids(self) -> list[str]:
+    return self.index.ids
+
+  def add(self, documents: Iterable[Any]) -> None:
+    """Upserts documents (a known id is replaced)."""
+    ids, texts = _unpack(documents)
+    if ids:
+      self.index.add(ids, texts, self._embed(texts))
+
+  def remove(self, ids: Sequence[str]) -> None:
+    self.index.remove(ids)
+
+  def search(self, questions: Sequence[str], k: int) -> tuple[list[list[str]], np.ndarray]:
+    """Top-k document ids per question.
+
+    Args:
+      questions: non-empty list of non-empty strings.
+      k: documents per question; if the index holds fewer than k documents,
+        all of them are returned (k' = min(k, len(self))).
+
+    Returns:
+      ids (Q lists of k' ids, best first) and scores (Q, k') float32.
+    """
+    if isinstance(questions, str):
+      raise TypeError("search() takes a list of questions, not one string.")
+    questions = list(questions)
+    if not questions:
+      raise ValueError("search() got no questions.")
+    empty = [i for i, q in enumerate(questions) if not isinstance(q, str) or not q.strip()]
+    if empty:
+      raise ValueError(f"Empty or non-string questions at positions {empty[:10]}.")
+    if len(self.index) == 0:
+      raise ValueError("The retriever's index is empty: build it or add documents first.")
+    queries = questions if self.encoder is None else self._embed(questions)
+    return self.index.search(queries, k)
+
+  def save(self, directory: str | os.PathLike) -> None:
+    directory = pathlib.Path(directory)
+    self.index.save(directory)
+    meta = {"encoder": None if self.encoder is None else self.encoder.spec,
+            "batch_size": self.batch_size}
+    (directory / _RETRIEVER_JSON).write_text(json.dumps(meta))
+
+  @classmethod
+  def load(cls, directory: str | os.PathLike) -> "Retriever":
+    directory = pathlib.Path(directory)
+    path = directory / _RETRIEVER_JSON
+    if not path.is_file():
+      raise FileNotFoundError(f"No saved retriever in {directory} (missing {_RETRIEVER_JSON}).")
+    meta = json.loads(path.read_text())
+    encoder = None if meta["encoder"] is None else encoder_lib.Encoder.from_spec(meta["encoder"])
+    return cls(load_index(directory), encoder, meta["batch_size"])
+
+  def _embed(self, texts: list[str]) -> np.ndarray | None:
+    if self.encoder is None:
+      return None
+    return self.encoder.embed(texts, batch_size=self.batch_size)
+
+
+def _unpack(documents: Iterable[Any]) -> tuple[list[str], list[str]]:
+  docs = list(documents)
+  bad = [d for d in docs if not (isinstance(getattr(d, "id", None), str)
+                                 and isinstance(getattr(d, "text", None), str))]
+  if bad:
+    raise TypeError(f"Documents need string .id and .text attributes; got {bad[0]!r}.")
+  return [d.id for d in docs], [d.text for d in docs]
+
+
+def build_and_save(config, workdir: str | os.PathLike) -> Retriever:
+  """Indexes the corpus of `config.eval.split` and saves it to `workdir`/index."""
+  # Imported here, not at the top: regrad_jax.data may use this package (BM25
+  # neighbours for meta-training tasks), and searching needs no data module.
+  from regrad_jax import data
+  documents = data.load_corpus(config, split=config.eval.split)
+  retriever = Retriever.build(config, documents)
+  out = pathlib.Path(workdir) / "index"
+  retriever.save(out)
+  logging.info("Saved the %s index of %d documents to %s.", retriever.index.kind, len(retriever), out)
+  return retriever

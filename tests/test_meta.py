@@ -1,0 +1,133 @@
+"""Meta-learning: second-order gradients, alpha modes, training, resume, sharding."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from regrad_jax import parallel
+from regrad_jax.data.records import Document, QARecord
+from regrad_jax.meta import objective, tasks as tasks_lib, trainer
+from regrad_jax.model import LoraConfig, init_lora, init_params, tiny_config
+from regrad_jax.model.tokenizer import ByteTokenizer
+
+CFG = tiny_config()
+LCFG = LoraConfig(rank=4, alpha=8.0, start=2, stop=4)
+TOK = ByteTokenizer()
+
+
+def _family(n=8):
+  docs = [Document(f"d{i}", f"The capital of Land{i} is City{i}.") for i in range(n)]
+  recs = [QARecord(f"q{i}", f"What is the capital of Land{i}?", (f"City{i}",), f"d{i}")
+          for i in range(n)]
+  return tasks_lib.build_tasks(recs, docs, TOK, k=2, mode="blind", max_context_len=64)
+
+
+@pytest.fixture(scope="module")
+def setup():
+  params = init_params(jax.random.key(0), CFG)
+  theta = init_lora(jax.random.key(1), CFG, LCFG)
+  # Nonzero B so that the A-gradients (proportional to B) are not all zero.
+  theta = jax.tree.map(
+      lambda x: x + 0.05 * jax.random.normal(jax.random.key(3), x.shape), theta)
+  batch = tasks_lib.collate(_family()[:4], doc_buckets=(64,), qa_buckets=(64,),
+                            pad_id=TOK.pad_id)
+  return params, theta, batch
+
+
+def _loss_fn(params, task, **kw):
+  return lambda m: objective.task_loss(m, params, task, config=CFG,
+                                       lora_config=LCFG, **kw)
+
+
+def test_meta_gradient_matches_finite_differences(setup):
+  params, theta, batch = setup
+  task = jax.tree.map(lambda x: x[0], batch)
+  meta = {"theta": theta, "alpha": objective.init_alpha(theta, "tie", 0.5)}
+  f = _loss_fn(params, task)
+  grads = jax.jit(jax.grad(f))(meta)
+  for part in ("theta", "alpha"):  # Directional derivative along each part.
+    v = jax.tree.map(lambda x: jnp.zeros_like(x), meta)
+    v[part] = jax.tree.map(
+        lambda x: jax.random.normal(jax.random.key(5), x.shape), meta[part])
+    analytic = sum(float(jnp.vdot(g, d)) for g, d in
+                   zip(jax.tree.leaves(grads), jax.tree.leaves(v)))
+    eps = 3e-3
+    shift = lambda s: jax.tree.map(lambda a, b: a + s * eps * b, meta, v)
+    numeric = float((f(shift(1)) - f(shift(-1))) / (2 * eps))
+    assert abs(numeric - analytic) <= 2e-2 * abs(analytic) + 1e-4, (part, numeric, analytic)
+  # The outer gradient flows through the inner gradient: first-order differs.
+  first = jax.jit(jax.grad(_loss_fn(params, task, first_order=True)))(meta)
+  diff = max(float(jnp.abs(a - b).max()) for a, b in
+             zip(jax.tree.leaves(first), jax.tree.leaves(grads)))
+  assert diff > 1e-4
+
+
+def test_alpha_mode_shapes(setup):
+  _, theta, _ = setup
+  tie = objective.init_alpha(theta, "tie", 0.01)
+  assert tie["gate"]["a"].shape == (2, 1, 1)
+  full = objective.init_alpha(theta, "full", 0.01)
+  assert full["down"]["b"].shape == theta["down"]["b"].shape
+  assert objective.init_alpha(theta, "same", 0.01).shape == ()
+  with pytest.raises(ValueError, match="alpha mode"):
+    objective.init_alpha(theta, "nope", 0.01)
+
+
+def _run_steps(params, theta, batch, mode, steps, lr, mesh, schedule_steps=12):
+  """Runs `steps` meta-steps; returns the meta state after step 2 and the losses."""
+  import ml_collections
+  mc = ml_collections.ConfigDict(dict(
+      lr=lr, warmup_frac=0.1, warmup_start_factor=0.01, weight_decay=0.0,
+      clip_norm=0.5, alpha_mode=mode))
+  tx = trainer.make_optimizer(mc, schedule_steps)
+  step = trainer.make_step(mesh, tx, config=CFG, lora_config=LCFG, alpha_mode=mode)
+  meta = {"theta": theta, "alpha": objective.init_alpha(theta, mode, 0.5)}
+  opt = tx.init(meta)
+  losses, after_two = [], None
+  for i in range(steps):
+    meta, opt, m = step(meta, opt, params, batch)
+    losses.append(float(m["loss"]))
+    if i == 1:
+      after_two = meta
+  return after_two, meta, losses
+
+
+@pytest.fixture(scope="module")
+def runs(setup):
+  """12 fix-mode steps on 1 device, and the same schedule's first 2 on 4 devices."""
+  params, theta, batch = setup
+  one = _run_steps(params, theta, batch, "fix", 12, 3e-2,
+                   parallel.make_mesh(devices=jax.devices()[:1]))
+  four = _run_steps(params, theta, batch, "fix", 2, 3e-2,
+                    parallel.make_mesh(devices=jax.devices()[:4]))
+  return one, four
+
+
+def test_fix_mode_keeps_alpha_and_training_reduces_loss(setup, runs):
+  _, theta, _ = setup
+  (_, meta, losses), _ = runs
+  for a in jax.tree.leaves(meta["alpha"]):
+    np.testing.assert_array_equal(a, 0.5)
+  assert not np.allclose(meta["theta"]["up"]["b"], theta["up"]["b"])
+  # Meta-training on a fixed task family: the outer loss falls.
+  assert losses[-1] < losses[0] - 0.25, losses
+
+
+def test_sharded_step_equals_single_device(runs):
+  assert len(jax.devices()) >= 4
+  (one, _, l1), (four, _, l4) = runs
+  np.testing.assert_allclose(l1[:2], l4, rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(one), jax.tree.leaves(four)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_batch_indices_cover_each_epoch():
+  idx = np.concatenate([trainer.batch_indices(0, s, 4, 8) for s in range(2)])
+  assert sorted(idx.tolist()) == list(range(8))
+  np.testing.assert_array_equal(trainer.batch_indices(0, 1, 4, 8),
+                                trainer.batch_indices(0, 1, 4, 8))
+
+
+def test_collate_refuses_tasks_longer_than_buckets():
+  with pytest.raises(ValueError, match="qa_buckets"):
+    tasks_lib.collate(_family()[:2], doc_buckets=(64,), qa_buckets=(16,), pad_id=0)
