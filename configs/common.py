@@ -17,6 +17,7 @@ def base() -> mlc.ConfigDict:
   # "hf" (a Hugging Face directory at `path`) or "gguf" (a GGUF file at `path`).
   c.model.source = "tiny"
   c.model.path = ""  # Local path for "hf" / "gguf".
+  c.model.seed = 0  # Init seed of the random "tiny" model (its identity).
   c.model.dtype = "float32"  # Compute dtype: float32 here; bfloat16 on GPU/TPU.
   c.model.max_seq_len = 512  # Longest prompt + answer the launches will build.
 
@@ -64,10 +65,13 @@ def base() -> mlc.ConfigDict:
 
   # --- Gradient Bank (regrad_jax/bank) ----------------------------------------
   c.bank = mlc.ConfigDict()
-  c.bank.codec = "int8"  # fp32 | bf16 | int8 | lowrank.
-  c.bank.lowrank_rank = 4
+  # Storage codec (regrad_jax/bank/codecs.py): fp32 | bf16 | int8 | qzstd | lowrank.
+  c.bank.codec = "int8"
+  c.bank.qzstd_step = 0.4  # qzstd: quantisation step, x each vector's rms.
+  c.bank.qzstd_level = 3  # qzstd: zstd level of the stored chunks.
+  c.bank.lowrank_rank = 4  # lowrank: rank k kept per layer matrix.
   c.bank.batch_size = 8  # Documents per jitted gradient call (per data shard).
-  c.bank.rows_per_chunk = 1
+  c.bank.rows_per_chunk = 1  # Bank rows per TensorStore chunk (1: K reads = K chunks).
 
   # --- Retrieval (regrad_jax/retrieval) ---------------------------------------
   c.retrieval = mlc.ConfigDict()

@@ -19,7 +19,7 @@ _CHAT = flags.DEFINE_bool("chat", False, "Treat --prompt as a question (QA promp
 def main(argv):
   del argv
   config = _CONFIG.value
-  params, model_cfg, tokenizer = loaders.load_model(config.model, seed=config.seed)
+  params, model_cfg, tokenizer = loaders.load_model(config.model)
   text, = sampling.answer(params, model_cfg, tokenizer, [_PROMPT.value],
                           _MAX_NEW.value, chat=_CHAT.value)
   print(text)

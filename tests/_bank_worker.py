@@ -12,18 +12,19 @@ import json
 import os
 import sys
 
-MAX_LEN = 64
-BUCKETS = (32, 64)
+MAX_LEN = 32
+BUCKETS = (16, 32)
 WORDS = ("alpha", "beta", "gamma", "delta", "river", "stone", "castle", "seven",
          "blue", "quiet", "north", "maple", "engine", "harbor", "violet", "owl")
 
 
-def fixture(num_docs: int = 24):
+def fixture(num_docs: int = 24, config=None):
   """(params, theta, model_config, lora_config, tokenizer, docs) for bank tests.
 
   A 4-layer random model, LoRA on layers [2, 4) with a nonzero B (so A's gradient
-  is nonzero too, as at a meta-learned theta*), and documents whose token counts
-  span both buckets; a few exceed MAX_LEN and get truncated.
+  is nonzero too, as at a meta-learned theta*), and documents of 18 to 90 tokens:
+  all land in the 32-token bucket (one jit shape keeps the tests fast), and the
+  longer half is truncated to MAX_LEN.
   """
   import jax
   import numpy as np
@@ -32,17 +33,25 @@ def fixture(num_docs: int = 24):
   from regrad_jax.model import transformer
   from regrad_jax.model.tokenizer import ByteTokenizer
 
-  config = model_config_lib.tiny_config()
-  params = transformer.init_params(jax.random.key(0), config)
+  config = config or model_config_lib.tiny_config()
   lcfg = lora_lib.LoraConfig(rank=4, alpha=8.0, start=2, stop=4)
-  theta = lora_lib.init_lora(jax.random.key(1), config, lcfg)
-  keys = iter(jax.random.split(jax.random.key(2), 16))
-  theta = {name: {"a": ab["a"], "b": 0.1 * jax.random.normal(next(keys), ab["b"].shape)}
-           for name, ab in theta.items()}
+  # NumPy values in the model's own shapes: no jax.random compiles, which cost
+  # seconds in every fresh worker process.
   rng = np.random.RandomState(0)
-  docs = []
+
+  def fill(path, leaf):
+    name = jax.tree_util.keystr(path)
+    if "norm" in name:
+      return jax.numpy.ones(leaf.shape, leaf.dtype)
+    scale = 0.1 if name.endswith("['b']") else 0.2 if name.endswith("['a']") else 0.02
+    return jax.numpy.asarray(scale * rng.randn(*leaf.shape), leaf.dtype)
+
+  params = jax.tree_util.tree_map_with_path(fill, transformer.param_shapes(config))
+  theta = jax.tree_util.tree_map_with_path(fill, jax.eval_shape(
+      lambda k: lora_lib.init_lora(k, config, lcfg), jax.random.key(0)))
+  rng, docs = np.random.RandomState(1), []
   for i in range(num_docs):
-    words = rng.choice(WORDS, size=2 + (i * 5) % 13)
+    words = rng.choice(WORDS, size=1 + (i * 5) % 13)
     docs.append((f"doc-{i:02d}", " ".join(words)))
   return params, theta, config, lcfg, ByteTokenizer(), docs
 

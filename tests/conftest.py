@@ -23,3 +23,12 @@ def shared_data_dir():
   if path is None:
     pytest.skip("../shared/data not present")
   return path
+
+
+# Identical programs compiled by different tests (or by a test and the library
+# call it makes) are read from a persistent cache instead of compiled again.
+import jax  # noqa: E402
+
+jax.config.update("jax_compilation_cache_dir",
+                  os.environ.get("REGRAD_TEST_JAX_CACHE", "/tmp/regrad_jax_test_cache"))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)

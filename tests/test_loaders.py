@@ -340,7 +340,7 @@ def test_load_model_dispatch(tmp_path):
   assert (config.vocab_size, config.bos_id, config.eos_id, config.pad_id) == (
       tok.vocab_size, tok.bos_id, tok.eos_id, tok.pad_id)
   again, _, _ = loaders.load_model(ConfigDict(dict(source="tiny")))
-  other, _, _ = loaders.load_model(ConfigDict(dict(source="tiny")), seed=1)
+  other, _, _ = loaders.load_model(ConfigDict(dict(source="tiny", seed=1)))
   assert loaders.base_fingerprint(params) == loaders.base_fingerprint(again)
   assert loaders.base_fingerprint(params) != loaders.base_fingerprint(other)
 

@@ -4,9 +4,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from configs import tiny
+
 from regrad_jax import parallel
 from regrad_jax.data.records import Document, QARecord
-from regrad_jax.meta import objective, tasks as tasks_lib, trainer
+from regrad_jax.meta import objective, state, tasks as tasks_lib, trainer
 from regrad_jax.model import LoraConfig, init_lora, init_params, tiny_config
 from regrad_jax.model.tokenizer import ByteTokenizer
 
@@ -131,3 +133,22 @@ def test_batch_indices_cover_each_epoch():
 def test_collate_refuses_tasks_longer_than_buckets():
   with pytest.raises(ValueError, match="qa_buckets"):
     tasks_lib.collate(_family()[:2], doc_buckets=(64,), qa_buckets=(16,), pad_id=0)
+
+
+def _tiny_config(steps):
+  c = tiny.get_config(f"steps={steps}")
+  c.meta.eval_every = 0
+  c.meta.checkpoint_every = 2
+  c.meta.num_train_tasks = 16
+  return c
+
+
+def test_resume_equals_uninterrupted(tmp_path):
+  straight = trainer.train(_tiny_config(4), tmp_path / "a")["meta"]
+  trainer.train(_tiny_config(4), tmp_path / "b", stop_after=2)
+  resumed = trainer.train(_tiny_config(4), tmp_path / "b")["meta"]
+  for a, b in zip(jax.tree.leaves(straight), jax.tree.leaves(resumed)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  theta, _, info = state.load(tmp_path / "b" / "meta_state")
+  assert info["step"] == 4 and info["base_fingerprint"]
+  np.testing.assert_array_equal(theta["up"]["b"], np.asarray(resumed["theta"]["up"]["b"]))

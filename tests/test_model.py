@@ -14,10 +14,12 @@ import numpy as np
 import pytest
 
 from regrad_jax import parallel
-from regrad_jax.model import generate, loaders
+from regrad_jax.model import loaders, sampling
 from regrad_jax.model import lora as lora_lib
 from regrad_jax.model import transformer
 from regrad_jax.model.config import tiny_config
+from regrad_jax.model.decode import generate
+from regrad_jax.model.tokenizer import ByteTokenizer
 from tests.test_loaders import VOCAB, write_tokenizer
 
 apply = jax.jit(transformer.apply,
@@ -217,3 +219,15 @@ def test_sharded_forward_equals_unsharded():
   assert parallel.MODEL in sharded["layers"]["gate"].sharding.spec
   got = apply(sharded, jax.device_put(tokens, parallel.data_sharded(mesh)), config=CFG)
   np.testing.assert_allclose(np.asarray(got), want, rtol=0, atol=1e-5)
+
+
+def test_answer_decodes_batched_greedy_continuations():
+  tok, params = ByteTokenizer(), tiny_params()
+  texts = ["The capital of", "Hi"]
+  got = sampling.answer(params, CFG, tok, texts, max_new_tokens=5)
+  want = _greedy_by_recomputation(params, [tok.encode(t, add_bos=True) for t in texts], 5)
+  assert got == [tok.decode(row) for row in want]
+  tokens, mask = sampling.encode_prompts(tok, texts)
+  assert tokens.shape == (2, 32) and mask[:, -1].all() and not mask[1, 0]  # Left-padded.
+  with pytest.raises(ValueError, match="no prompts"):
+    sampling.answer(params, CFG, tok, [], 5)

@@ -35,9 +35,7 @@ def big():
 def test_scann_default_config_recall(big):
   scann, brute, queries = big
   assert scann.uses_tree  # 20k rows: the k-means tree, not brute force.
-  # Random vectors are the hard case; the tuner still searches fewer than all leaves.
-  leaves = round(np.sqrt(len(scann)))
-  assert 0 < scann.tuned_leaves_to_search < leaves
+  assert 0 < scann.tuned_leaves_to_search <= round(np.sqrt(len(scann)))
   assert _recall(scann, brute, queries) >= 0.95
   # Ids come back as the documents' ids, scores are the true dot products.
   ids, scores = scann.search(queries[:3], 5)
@@ -45,6 +43,19 @@ def test_scann_default_config_recall(big):
   np.testing.assert_allclose(scores, np.einsum("qd,qkd->qk", queries[:3], brute._emb[rows]),
                              atol=1e-5)
   assert (np.diff(scores, axis=1) <= 1e-6).all()
+
+
+def test_scann_tunes_few_leaves_on_clustered_data():
+  # Random vectors (above) need most leaves; clustered ones, like real
+  # embeddings, need few. The tuner must find that out on its own.
+  rng = np.random.default_rng(4)
+  centers = _unit(rng, 40, 32)
+  db = centers[rng.integers(0, 40, 6000)] + 0.15 * rng.standard_normal((6000, 32)).astype(np.float32)
+  queries = centers[rng.integers(0, 40, 100)] + 0.15 * rng.standard_normal((100, 32)).astype(np.float32)
+  ids = [f"d{i}" for i in range(len(db))]
+  scann = retrieval.ScannIndex().build(ids, None, db)
+  assert scann.tuned_leaves_to_search <= round(np.sqrt(len(db))) // 2
+  assert _recall(scann, retrieval.BruteForceIndex().build(ids, None, db), queries) >= 0.95
 
 
 def test_scann_save_load_identical(big, tmp_path):

@@ -12,7 +12,7 @@ import functools
 import jax
 
 from regrad_jax.meta import objective
-from regrad_jax.model import generate as generate_lib
+from regrad_jax.model import decode
 
 
 @functools.partial(jax.jit, static_argnames=("config", "lora_config",
@@ -30,6 +30,6 @@ def generate_adapted(params, theta, alpha, grad_sums, prompt_tokens, prompt_mask
     (Q, max_new_tokens) int32 answer tokens (pad after EOS).
   """
   lora = objective.batched_adapt(theta, alpha, grad_sums, gamma)
-  return generate_lib.generate(params, prompt_tokens, prompt_mask, config=config,
+  return decode.generate(params, prompt_tokens, prompt_mask, config=config,
                                lora=lora, lora_config=lora_config,
                                max_new_tokens=max_new_tokens)

@@ -185,9 +185,9 @@ class Bank:
     (path / "commits").mkdir(exist_ok=True)
     leaf_shapes = {k: tuple(int(s) for s in v) for k, v in leaf_shapes.items()}
     for leaf, shape in leaf_shapes.items():
-      for part, (part_shape, dtype) in codec.parts(shape).items():
-        store.create_array(path / "arrays" / leaf / part, (0,) + part_shape, dtype,
-                           rows_per_chunk)
+      for name, part in codec.parts(shape).items():
+        store.create_array(path / "arrays" / leaf / name, (0,) + part.shape, part.dtype,
+                           rows_per_chunk, part.zstd)
     ident = identity.to_dict()
     store.write_json_atomic(path / MANIFEST, {
         "format_version": FORMAT_VERSION,
@@ -533,8 +533,10 @@ class Bank:
     bar = tqdm.tqdm(total=len(todo), unit="doc", disable=not progress,
                     desc=f"bank {self.path.name}", smoothing=0.1)
 
-    def finish(block: bool):
-      while writing and (block or all(f.done() for f in writing[0][2])):
+    def finish(max_pending: int):
+      """Marks committed batches; waits while more than max_pending are in flight."""
+      while writing and (len(writing) > max_pending
+                         or all(f.done() for f in writing[0][2])):
         done, refused, futures = writing.popleft()
         for f in futures:
           f.result()
@@ -550,10 +552,10 @@ class Bank:
       inflight.append((batch_rows, computer(tokens, mask)))
       if len(inflight) > 1:
         writing.append(self._fetch_and_write(*inflight.popleft()))
-      finish(block=False)
+      finish(max_pending=2)
     while inflight:
       writing.append(self._fetch_and_write(*inflight.popleft()))
-    finish(block=True)
+    finish(max_pending=0)
     bar.close()
 
   def _fetch_and_write(self, rows: np.ndarray, out):

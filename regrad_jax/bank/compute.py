@@ -1,10 +1,11 @@
 """Per-document LoRA gradients at theta*: g_d = grad_theta L_LM(d; theta*).
 
-A document is tokenised exactly as meta-training sees a passage (`prompts.passage_text`
-then BOS, truncated to max_len tokens) and padded to the smallest length bucket
-that fits, so a few jit shapes cover any corpus. A jitted step takes a batch of
-documents of one bucket, split over the mesh's "data" axis, and returns each
-document's gradient already encoded by the bank's codec:
+A document is tokenised exactly as meta-training sees a passage
+(`prompts.encode_document`: "Passage 1: <text>", truncated to max_len tokens) and
+padded to the smallest length bucket that fits, so a few jit shapes cover any
+corpus. A jitted step takes a batch of documents of one bucket, split over the
+mesh's "data" axis, and returns each document's gradient already encoded by the
+bank's codec:
 
   tokens (G, S) int32, mask (G, S) bool
     -> vmap over documents of value_and_grad(lm_loss) w.r.t. the LoRA tree
@@ -36,11 +37,12 @@ def tokenize_documents(tokenizer, texts, max_len: int, buckets, *, index: int = 
                        ) -> list[tuple[np.ndarray, np.ndarray, bool]]:
   """Tokenises passages the way meta-training does, padded to length buckets.
 
-  Each text becomes `tokenizer.encode(prompts.passage_text(index, text),
-  add_bos=True)`, cut to its first `max_len` tokens.
+  Each text goes through `prompts.encode_document` ("Passage i: <text>", BOS as
+  the tokenizer wants it, cut to its first `max_len` tokens), the one encoding
+  meta-training also uses.
 
   Args:
-    tokenizer: anything with `encode(text, add_bos)` and `pad_id`.
+    tokenizer: a regrad_jax tokenizer (encode, pad_id, add_bos_default).
     texts: iterable of str.
     max_len: token limit (config.data.max_context_len).
     buckets: padded lengths (config.data.doc_buckets); the largest must be
@@ -61,9 +63,7 @@ def tokenize_documents(tokenizer, texts, max_len: int, buckets, *, index: int = 
   for i, text in enumerate(texts):
     if not isinstance(text, str):
       raise TypeError(f"document {i}: text must be a str, got {type(text).__name__}")
-    ids = tokenizer.encode(prompts.passage_text(index, text), add_bos=True)
-    truncated = len(ids) > max_len
-    ids = ids[:max_len]
+    ids, truncated = prompts.encode_document(tokenizer, text, max_len, index=index)
     length = next(b for b in buckets if b >= len(ids))
     tokens = np.full((length,), tokenizer.pad_id, np.int32)
     tokens[:len(ids)] = ids
@@ -124,7 +124,8 @@ class Identity:
         lora=repr(lora_config),
         tokenizer=str(tokenizer.fingerprint()),
         max_len=int(max_len),
-        prompt=prompts.passage_text(1, "{text}"))
+        prompt=("<bos>" if tokenizer.add_bos_default else "")
+        + prompts.passage_text(1, "{text}"))
 
   def to_dict(self) -> dict:
     return dataclasses.asdict(self)

@@ -30,8 +30,8 @@ import tensorstore as ts
 CONTEXT = ts.Context({"file_io_concurrency": {"limit": 128}})
 
 
-def array_spec(path, shape=None, dtype: str | None = None, rows_per_chunk: int = 1
-               ) -> dict:
+def array_spec(path, shape=None, dtype: str | None = None, rows_per_chunk: int = 1,
+               zstd: int = 0) -> dict:
   """The one TensorStore spec helper: a zarr3 array on the local file system.
 
   Args:
@@ -40,6 +40,7 @@ def array_spec(path, shape=None, dtype: str | None = None, rows_per_chunk: int =
     dtype: zarr3 data type name ("float32", "bfloat16", "int8") when creating.
     rows_per_chunk: rows per chunk along the leading (row) dimension; every
       other dimension is whole in a chunk.
+    zstd: zstd level of each chunk (0: stored raw).
   """
   spec = {"driver": "zarr3", "kvstore": {"driver": "file", "path": str(path)}}
   if shape is not None:
@@ -50,15 +51,20 @@ def array_spec(path, shape=None, dtype: str | None = None, rows_per_chunk: int =
             "chunk_shape": [int(rows_per_chunk)] + [int(s) for s in shape[1:]]}},
         "chunk_key_encoding": {"name": "default",
                                "configuration": {"separator": "."}},
-        "codecs": [{"name": "bytes", "configuration": {"endian": "little"}}],
+        "codecs": [{"name": "bytes", "configuration": {"endian": "little"}}] + (
+            [{"name": "zstd", "configuration": {"level": int(zstd), "checksum": False}}]
+            if zstd else []),
         "fill_value": 0,
     }
   return spec
 
 
-def create_array(path, shape, dtype: str, rows_per_chunk: int) -> ts.TensorStore:
-  return ts.open(array_spec(path, shape, dtype, rows_per_chunk), create=True,
-                 context=CONTEXT).result()
+def create_array(path, shape, dtype: str, rows_per_chunk: int, zstd: int = 0
+                 ) -> ts.TensorStore:
+  """Creates the array, replacing leftovers of a bank creation that crashed
+  (callers create arrays only while no manifest exists)."""
+  return ts.open(array_spec(path, shape, dtype, rows_per_chunk, zstd), create=True,
+                 delete_existing=True, context=CONTEXT).result()
 
 
 def open_array(path) -> ts.TensorStore:

@@ -20,7 +20,8 @@ from tqdm import tqdm
 
 from regrad_jax import batching
 from regrad_jax import prompts
-from regrad_jax.model.generate import generate
+from regrad_jax.model import sampling
+from regrad_jax.model.decode import generate
 from regrad_jax.model.config import ModelConfig
 
 
@@ -47,28 +48,19 @@ def qa_prompt_ids(tokenizer, questions: Sequence[str],
           for i, q in enumerate(questions)]
 
 
-def truncate_text(tokenizer, text: str, max_tokens: int) -> str:
-  """`text` cut to its first `max_tokens` tokens (whole text if shorter).
-
-  Passages placed in a prompt are cut like banked documents (config.data.
-  max_context_len), so RAG sees no more of a passage than ReGrad's gradient.
-  """
-  ids = tokenizer.encode(text)
-  return text if len(ids) <= max_tokens else tokenizer.decode(ids[:max_tokens])
-
-
 def generate_answers(params: dict, prompt_ids: Sequence[Sequence[int]], tokenizer, *,
-                     config: ModelConfig, buckets, batch_size: int,
-                     max_new_tokens: int, lora: dict | None = None,
+                     config: ModelConfig, batch_size: int, max_new_tokens: int,
+                     buckets=sampling.PROMPT_BUCKETS, lora: dict | None = None,
                      lora_config=None,
                      lora_for_rows: Callable[[np.ndarray], dict] | None = None,
                      desc: str = "answer") -> list[str]:
   """Greedy answers to prompts, `batch_size` rows per jitted call.
 
   Prompts are sorted by length, left-padded to the smallest of `buckets` that
-  fits (a longer prompt keeps its last tokens: the question) and decoded
-  together; a short last batch repeats its last row, so every call has one of
-  len(buckets) shapes.
+  fits (default: the ReGrad engine's, model.sampling.PROMPT_BUCKETS, so every
+  method sees its prompt padded alike; a longer prompt keeps its last tokens)
+  and decoded together; a short last batch repeats its last row, so every call
+  has one of len(buckets) shapes.
 
   Args:
     params: base-layout weights.

@@ -89,8 +89,8 @@ class CPT:
     params, model_cfg, tokenizer: the base model. `params` is copied, never
       modified (the jitted step donates its own copy).
     config: reads eval.cpt_lr (cpt_lora_lr), cpt_epochs, cpt_batch_size,
-      cpt_weight_decay, cpt_clip_norm; data.max_context_len, data.doc_buckets,
-      data.qa_buckets; adapt.batch_size, adapt.max_new_tokens; lora.* (LoRA
+      cpt_weight_decay, cpt_clip_norm; data.max_context_len, data.doc_buckets;
+      adapt.batch_size, adapt.max_new_tokens; lora.* (LoRA
       variant); seed.
     lora: train a LoRA (config.lora layout) instead of every weight.
   Attributes:
@@ -115,7 +115,6 @@ class CPT:
     if max(self.doc_buckets) < self.max_len:
       raise ValueError(f"data.doc_buckets {self.doc_buckets} must reach "
                        f"data.max_context_len={self.max_len}")
-    self.qa_buckets = tuple(config.data.qa_buckets)
     self.answer_batch = int(config.adapt.batch_size)
     self.max_new_tokens = int(config.adapt.max_new_tokens)
     if self.use_lora:
@@ -194,6 +193,6 @@ class CPT:
     lora = self.trainable if self.use_lora else None
     params = self.base if self.use_lora else self.trainable
     return common.generate_answers(
-        params, ids, self.tokenizer, config=self.model_cfg, buckets=self.qa_buckets,
+        params, ids, self.tokenizer, config=self.model_cfg,
         batch_size=self.answer_batch, max_new_tokens=self.max_new_tokens,
         lora=lora, lora_config=self.lora_config, desc=self.name)

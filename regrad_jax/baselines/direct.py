@@ -13,14 +13,12 @@ class Direct:
 
   Args:
     params, model_cfg, tokenizer: the base model (never modified).
-    config: the full config; reads data.qa_buckets, adapt.batch_size and
-      adapt.max_new_tokens.
+    config: the full config; reads adapt.batch_size and adapt.max_new_tokens.
   """
   name = "direct"
 
   def __init__(self, params: dict, model_cfg, tokenizer, config):
     self.params, self.model_cfg, self.tokenizer = params, model_cfg, tokenizer
-    self.buckets = tuple(config.data.qa_buckets)
     self.batch_size = int(config.adapt.batch_size)
     self.max_new_tokens = int(config.adapt.max_new_tokens)
 
@@ -31,7 +29,7 @@ class Direct:
     ids = common.qa_prompt_ids(self.tokenizer, questions)
     return common.generate_answers(
         self.params, ids, self.tokenizer, config=self.model_cfg,
-        buckets=self.buckets, batch_size=self.batch_size,
+        batch_size=self.batch_size,
         max_new_tokens=self.max_new_tokens, desc=self.name)
 
   def generic_params(self) -> dict:

@@ -98,7 +98,7 @@ class PRAG:
     documents: documents already in the retriever (more through `inject`).
     config: reads eval.prag_rank, prag_alpha, prag_lr, prag_steps,
       prag_batch_size; adapt.k, adapt.batch_size, adapt.max_new_tokens;
-      data.max_context_len, data.doc_buckets, data.qa_buckets; seed.
+      data.max_context_len, data.doc_buckets; seed.
   Attributes:
     adapters: doc id -> its trained LoRA (numpy leaves (n, ...)).
     train_losses: doc id -> (loss before, loss after) training.
@@ -116,7 +116,6 @@ class PRAG:
     self.train_batch = int(ec.prag_batch_size)
     self.max_len = int(config.data.max_context_len)
     self.doc_buckets = tuple(config.data.doc_buckets)
-    self.qa_buckets = tuple(config.data.qa_buckets)
     self.batch_size = int(config.adapt.batch_size)
     self.max_new_tokens = int(config.adapt.max_new_tokens)
     self.lora_config = lora_lib.LoraConfig(
@@ -181,7 +180,7 @@ class PRAG:
     ids = common.qa_prompt_ids(self.tokenizer, questions)
     return common.generate_answers(
         self.params, ids, self.tokenizer, config=self.model_cfg,
-        buckets=self.qa_buckets, batch_size=self.batch_size,
+        batch_size=self.batch_size,
         max_new_tokens=self.max_new_tokens, lora_config=self.merged_config,
         lora_for_rows=lora_for_rows, desc=self.name)
 

@@ -1,9 +1,9 @@
 """RAG: the top-K retrieved passages go into the prompt; the weights never change.
 
-Uses the same retriever as ReGrad (same index, same K), so the two differ only in
-how a retrieved document reaches the model: as prompt text here, as a gradient
-step there. Each passage is cut to config.data.max_context_len tokens, the
-length a banked document's gradient sees.
+Uses the same retriever as ReGrad (same index, same K) and the same prompt as
+ReGrad + ICL (prompts.qa_prompt with the whole passages, padded alike), so RAG
+and ReGrad + ICL differ only by ReGrad's gradient step, and RAG and ReGrad only by
+how a retrieved document reaches the model: as prompt text or as a step.
 """
 from typing import Sequence
 
@@ -19,8 +19,7 @@ class RAG:
       `add(documents)`; `ids`), possibly shared with the ReGrad engine.
     documents: the documents already in the retriever (their text is needed
       to build prompts); more arrive through `inject`.
-    config: reads adapt.k, data.max_context_len, data.qa_buckets,
-      adapt.batch_size, adapt.max_new_tokens.
+    config: reads adapt.k, adapt.batch_size, adapt.max_new_tokens.
   """
   name = "rag"
 
@@ -29,8 +28,6 @@ class RAG:
     self.params, self.model_cfg, self.tokenizer = params, model_cfg, tokenizer
     self.retriever = retriever
     self.k = int(config.adapt.k if k is None else k)
-    self.max_context_len = int(config.data.max_context_len)
-    self.buckets = tuple(config.data.qa_buckets)
     self.batch_size = int(config.adapt.batch_size)
     self.max_new_tokens = int(config.adapt.max_new_tokens)
     self.text = {d.id: d.text for d in documents}
@@ -55,12 +52,11 @@ class RAG:
 
   def answer(self, questions: Sequence[str]) -> list[str]:
     self.last_doc_ids = self.retrieve(questions)
-    passages = [[common.truncate_text(self.tokenizer, self.text[i], self.max_context_len)
-                 for i in row] for row in self.last_doc_ids]
+    passages = [[self.text[i] for i in row] for row in self.last_doc_ids]
     ids = common.qa_prompt_ids(self.tokenizer, questions, passages)
     return common.generate_answers(
         self.params, ids, self.tokenizer, config=self.model_cfg,
-        buckets=self.buckets, batch_size=self.batch_size,
+        batch_size=self.batch_size,
         max_new_tokens=self.max_new_tokens, desc=self.name)
 
   def generic_params(self) -> dict:

@@ -37,8 +37,8 @@ Definitions (exact, so figures are comparable across methods):
     or adjective, must come first).
 
 Every computation is batched and jitted over a few fixed shapes: windows padded
-to power-of-two buckets <= window, probe prompts left-padded to 32/64/128, and a
-fixed number of rows per call.
+to power-of-two buckets <= window, probe prompts left-padded to a few buckets,
+and a fixed number of rows per call.
 """
 import dataclasses
 import functools
@@ -53,13 +53,14 @@ from regrad_jax import data as data_lib
 from regrad_jax.data import records as records_lib
 from regrad_jax.data import tiny as tiny_data
 from regrad_jax.eval import metrics
-from regrad_jax.model.generate import generate
+from regrad_jax.model.decode import generate
 from regrad_jax.model import losses
+from regrad_jax.model import sampling
 from regrad_jax.model import transformer
 from regrad_jax.model.config import ModelConfig
 
 FIELDS = ("ppl_general", "ppl_wiki", "probe_acc", "weight_l2")
-PROBE_BUCKETS = (32, 64, 128)
+PROBE_BUCKETS = (32, 64, 128)  # Cloze prompts are short.
 PROBE_SLACK_WORDS = 2
 
 
@@ -187,13 +188,14 @@ def continue_prompts(params: dict, prompts: list[str], tokenizer, *,
 
 
 def probe_accuracy(params: dict, probe, tokenizer, *, config: ModelConfig,
-                   max_new_tokens: int = 8, batch_size: int = 16) -> float:
+                   max_new_tokens: int = 8, batch_size: int = 16,
+                   buckets=PROBE_BUCKETS) -> float:
   """Closed-book probe accuracy in percent (probe: QARecords, question = prompt)."""
   if not probe:
     raise ValueError("probe_accuracy: no probe records")
   conts = continue_prompts(params, [r.question for r in probe], tokenizer,
                            config=config, max_new_tokens=max_new_tokens,
-                           batch_size=batch_size, desc="probe")
+                           batch_size=batch_size, buckets=buckets, desc="probe")
   return 100.0 * sum(probe_hit(c, r.answers) for c, r in zip(conts, probe)) / len(probe)
 
 
@@ -244,15 +246,38 @@ class DriftMeter:
 
   Figures of weights bitwise equal to the base (weight_l2 == 0.0 exactly) are
   computed once and reused: identical weights give identical figures.
+
+  Args:
+    base_params, tokenizer, model_cfg: the base model.
+    data: what to measure on (`load_drift_data`).
+    window: perplexity window; batch_size: perplexity windows per call.
+    probe_tokens: greedy tokens per probe prompt.
+    probe_batch_size, probe_buckets: probe decoding shapes (the evaluation passes
+      the QA answering shapes, so the probe reuses their compiled decoder).
   """
 
   def __init__(self, base_params: dict, tokenizer, model_cfg: ModelConfig,
                data: DriftData, *, window: int = 512, batch_size: int = 8,
-               probe_tokens: int = 8):
+               probe_tokens: int = 8, probe_batch_size: int = 16,
+               probe_buckets=PROBE_BUCKETS):
     self.base = base_params
     self.tokenizer, self.model_cfg, self.data = tokenizer, model_cfg, data
     self.window, self.batch_size, self.probe_tokens = window, batch_size, probe_tokens
+    self.probe_batch_size, self.probe_buckets = probe_batch_size, tuple(probe_buckets)
     self._base_figures = None
+
+  @classmethod
+  def from_config(cls, config, base_params: dict, tokenizer, model_cfg: ModelConfig,
+                  corpus_ids=()) -> "DriftMeter":
+    """Sizes from config.eval; probe shapes as the answering methods' (adapt.
+    batch_size rows, sampling.PROMPT_BUCKETS); see `load_drift_data`."""
+    return cls(base_params, tokenizer, model_cfg,
+               load_drift_data(config, corpus_ids=corpus_ids),
+               window=int(config.eval.ppl_window),
+               batch_size=int(config.eval.batch_size),
+               probe_tokens=int(config.eval.probe_tokens),
+               probe_batch_size=int(config.adapt.batch_size),
+               probe_buckets=sampling.PROMPT_BUCKETS)
 
   def measure(self, params: dict | None = None) -> dict:
     """{"ppl_general", "ppl_wiki", "probe_acc", "weight_l2"} of `params`
@@ -271,7 +296,8 @@ class DriftMeter:
                                desc="ppl wiki", **kw),
         "probe_acc": probe_accuracy(params, list(self.data.probe), self.tokenizer,
                                     max_new_tokens=self.probe_tokens,
-                                    batch_size=2 * self.batch_size, **kw),
+                                    batch_size=self.probe_batch_size,
+                                    buckets=self.probe_buckets, **kw),
         "weight_l2": l2,
     }
     if l2 == 0.0:

@@ -8,7 +8,7 @@
 2. The meta-learned state theta*, alpha (`ensure_meta_state`): config.meta.init_from
    if set, else WORKDIR/meta_state, else a meta-training run into WORKDIR (short
    for the tiny and quickstart configs). Its base-model and tokenizer fingerprints
-   must match the model.
+   must match the model (adapt.engine.load_meta checks them).
 3. The ReGrad engine over the knowledge base (`build_engine`): a Gradient Bank at
    theta* (WORKDIR/bank, resumable) and the retriever (WORKDIR/index).
 4. Each method of config.eval.methods takes in the knowledge base (CPT trains on
@@ -25,8 +25,10 @@ import time
 
 import jax
 from absl import logging
+from tqdm import tqdm
 
 from regrad_jax import adapt
+from regrad_jax.adapt import engine as engine_lib
 from regrad_jax import bank as bank_lib
 from regrad_jax import baselines
 from regrad_jax import data as data_lib
@@ -34,7 +36,6 @@ from regrad_jax import retrieval
 from regrad_jax.eval import drift as drift_lib
 from regrad_jax.eval import metrics
 from regrad_jax.eval import report
-from regrad_jax.meta import state as state_lib
 from regrad_jax.model import loaders
 
 METHODS = ("direct", "rag", "cpt", "cpt_lora", "prag", "regrad", "regrad_icl")
@@ -83,19 +84,17 @@ def eval_corpus(config, split_docs, records, split: str | None = None):
 def ensure_meta_state(config, workdir) -> pathlib.Path:
   """The meta-state directory to use, meta-training into `workdir` if none exists.
 
-  Order: config.meta.init_from (used as is, never retrained here); then
-  WORKDIR/meta_state; otherwise `meta.trainer.train(config, workdir)` runs
-  config.meta.num_steps steps and writes WORKDIR/meta_state.
+  config.meta.init_from (e.g. a released state: used as is, never retrained
+  here), else WORKDIR/meta_state; when that does not exist either,
+  `meta.trainer.train(config, workdir)` runs config.meta.num_steps steps and
+  writes it.
   """
-  if config.meta.init_from:
-    path = pathlib.Path(config.meta.init_from).expanduser()
-    if not (path / "info.json").exists():
-      raise FileNotFoundError(f"config.meta.init_from={path} holds no meta-learned "
-                              "state (missing info.json)")
-    return path
-  path = pathlib.Path(workdir) / "meta_state"
+  path = engine_lib.meta_state_path(config, workdir)
   if (path / "info.json").exists():
     return path
+  if config.meta.init_from:
+    raise FileNotFoundError(f"config.meta.init_from={path} holds no meta-learned "
+                            "state (missing info.json)")
   from regrad_jax.meta import trainer  # Only a run without a state pays for it.
   logging.info("No meta-learned state: meta-training %d steps into %s",
                config.meta.num_steps, workdir)
@@ -103,41 +102,33 @@ def ensure_meta_state(config, workdir) -> pathlib.Path:
   return path
 
 
-def load_meta(path, params, tokenizer):
-  """(theta, alpha, LoraConfig, info) of a state trained on exactly this model."""
-  theta, alpha, info = state_lib.load(
-      path, expect_base=loaders.base_fingerprint(params),
-      expect_tokenizer=tokenizer.fingerprint())
-  return theta, alpha, state_lib.lora_config_from_info(info), info
-
-
-def build_engine(config, params, model_cfg, tokenizer, meta, documents, *,
-                 bank_dir, index_dir=None):
-  """A ReGrad engine whose bank and index hold `documents`.
+def build_engine(config, workdir, params, model_cfg, tokenizer, documents, *,
+                 bank_dir, index_dir=None) -> adapt.ReGrad:
+  """A ReGrad engine whose bank and index hold exactly `documents`.
 
   Args:
-    meta: (theta, alpha, LoraConfig, info) from `load_meta`.
+    workdir: where the meta state is found (see `ensure_meta_state`).
     documents: the knowledge base (objects with .id and .text).
     bank_dir: the bank directory; created, resumed or extended (documents
-      already there are not recomputed; extra ones are never retrieved since
-      the index holds only `documents`).
+      already there are not recomputed; other rows it may hold are never
+      retrieved, since the index holds only `documents`).
     index_dir: where to save the index (None: not saved).
   """
-  theta, alpha, lora_cfg, _ = meta
-  computer = bank_lib.GradientComputer(
-      params, theta, model_config=model_cfg, lora_config=lora_cfg,
-      tokenizer=tokenizer, codec=bank_lib.codecs.from_config(config.bank),
-      max_len=config.data.max_context_len, buckets=config.data.doc_buckets,
-      batch_size=config.bank.batch_size)
+  theta, alpha, lora_cfg = engine_lib.load_meta(config, workdir, params, tokenizer)
+  computer = engine_lib.make_computer(config, params, model_cfg, tokenizer, theta,
+                                      lora_cfg)
   bank = bank_lib.Bank.open_for(bank_dir, computer,
                                 rows_per_chunk=config.bank.rows_per_chunk)
-  report_ = bank.build(documents, computer, progress=True)
-  logging.info("bank %s: %s", bank_dir, report_)
+  built = bank.build(documents, computer, progress=True)
+  logging.info("bank %s: %s", bank_dir, built)
   retriever = retrieval.Retriever.build(config, documents)
   if index_dir is not None:
     retriever.save(index_dir)
+  a = config.adapt
   return adapt.ReGrad(params, model_cfg, tokenizer, theta, alpha, lora_cfg, bank,
-                      retriever, config, computer=computer)
+                      retriever, {d.id: d.text for d in documents}, computer,
+                      gamma=a.gamma, k=a.k, mode=a.mode,
+                      max_new_tokens=a.max_new_tokens, batch_size=a.batch_size)
 
 
 def make_method(name: str, *, config, params, model_cfg, tokenizer, engine=None,
@@ -193,7 +184,7 @@ def run(config, workdir) -> dict:
   workdir = pathlib.Path(workdir).absolute()
   workdir.mkdir(parents=True, exist_ok=True)
   names = check_methods(config.eval.methods)
-  params, model_cfg, tokenizer = loaders.load_model(config.model, seed=config.seed)
+  params, model_cfg, tokenizer = loaders.load_model(config.model)
   split_docs, records = select_records(config)
   corpus = eval_corpus(config, split_docs, records)
   logging.info("%d questions of %s/%s, %d documents", len(records), config.data.name,
@@ -202,18 +193,17 @@ def run(config, workdir) -> dict:
   engine, meta_path, meta_info = None, None, None
   if any(n in RETRIEVAL_METHODS for n in names):
     meta_path = ensure_meta_state(config, workdir)
-    meta = load_meta(meta_path, params, tokenizer)
-    meta_info = {k: meta[3].get(k) for k in ("step", "dev", "mode", "alpha_mode")}
-    engine = build_engine(config, params, model_cfg, tokenizer, meta, corpus,
+    info = json.loads((meta_path / "info.json").read_text())
+    meta_info = {k: info.get(k) for k in ("step", "dev", "mode", "alpha_mode")}
+    engine = build_engine(config, workdir, params, model_cfg, tokenizer, corpus,
                           bank_dir=workdir / "bank", index_dir=workdir / "index")
 
-  meter = drift_lib.DriftMeter(
-      params, tokenizer, model_cfg,
-      drift_lib.load_drift_data(config, corpus_ids=[d.id for d in corpus]),
-      window=int(config.eval.ppl_window), batch_size=int(config.eval.batch_size),
-      probe_tokens=int(config.eval.probe_tokens))
+  meter = drift_lib.DriftMeter.from_config(config, params, tokenizer, model_cfg,
+                                          corpus_ids=[d.id for d in corpus])
   results, predictions = {}, []
-  for name in names:
+  bar = tqdm(names, desc="methods")
+  for name in bar:
+    bar.set_description(f"method {name}")
     t0 = time.perf_counter()
     method = make_method(name, config=config, params=params, model_cfg=model_cfg,
                          tokenizer=tokenizer, engine=engine, documents=corpus)

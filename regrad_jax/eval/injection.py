@@ -71,7 +71,7 @@ def run(config, workdir) -> dict:
   # Retrieval views of the engine inject first: RAG / PRAG then find the shared
   # index already extended and only record the texts.
   names = tuple(sorted(names, key=lambda n: n not in ("regrad", "regrad_icl")))
-  params, model_cfg, tokenizer = loaders.load_model(config.model, seed=config.seed)
+  params, model_cfg, tokenizer = loaders.load_model(config.model)
   split_docs, records = data_lib.load_split(config, config.eval.split)
   stream = document_stream(split_docs, records)
   increments = check_increments(config.eval.increments, len(stream))
@@ -82,20 +82,16 @@ def run(config, workdir) -> dict:
 
   engine = None
   if any(n in evaluate.RETRIEVAL_METHODS for n in names):
-    meta = evaluate.load_meta(evaluate.ensure_meta_state(config, workdir), params,
-                              tokenizer)
+    evaluate.ensure_meta_state(config, workdir)
     engine = evaluate.build_engine(
-        config, params, model_cfg, tokenizer, meta,
+        config, workdir, params, model_cfg, tokenizer,
         distractors + stream[:increments[0]], bank_dir=out_dir / "bank")
   methods = [evaluate.make_method(n, config=config, params=params,
                                   model_cfg=model_cfg, tokenizer=tokenizer,
                                   engine=engine, documents=distractors)
              for n in names]
-  meter = drift_lib.DriftMeter(
-      params, tokenizer, model_cfg,
-      drift_lib.load_drift_data(config, corpus_ids=corpus_ids),
-      window=int(config.eval.ppl_window), batch_size=int(config.eval.batch_size),
-      probe_tokens=int(config.eval.probe_tokens))
+  meter = drift_lib.DriftMeter.from_config(config, params, tokenizer, model_cfg,
+                                          corpus_ids=corpus_ids)
 
   curve = {"docs": [], "methods": {m.name: [] for m in methods}}
   prev = 0

@@ -67,10 +67,13 @@ def plot_injection(curve: dict, path) -> pathlib.Path:
 
   path = pathlib.Path(path)
   fig, axes = plt.subplots(2, 2, figsize=(10, 7.5), constrained_layout=True)
+  styles = [(m, ls) for ls in ("-", "--", ":") for m in "osv^Dx*"]
   for ax, (key, label) in zip(axes.ravel(), PLOTTED):
-    for name, points in curve["methods"].items():
-      ax.plot(curve["docs"], [p.get(key, float("nan")) for p in points], marker="o",
-              label=TITLES.get(name, name))
+    for (name, points), (marker, ls) in zip(curve["methods"].items(), styles):
+      # Methods with equal figures (e.g. zero drift) overlap: markers tell them apart.
+      ax.plot(curve["docs"], [p.get(key, float("nan")) for p in points],
+              marker=marker, linestyle=ls, alpha=0.85, label=TITLES.get(name, name))
+    ax.set_xticks(curve["docs"])
     ax.set_xlabel("documents injected")
     ax.set_ylabel(label)
     ax.grid(alpha=0.3)

@@ -15,7 +15,6 @@ import pathlib
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
@@ -31,7 +30,7 @@ from regrad_jax.eval import metrics
 from regrad_jax.meta import objective
 from regrad_jax.meta import state as state_lib
 from regrad_jax.meta import tasks as tasks_lib
-from regrad_jax.model import generate as generate_lib
+from regrad_jax.model import decode
 from regrad_jax.model import lora as lora_lib
 from regrad_jax.model import loaders
 
@@ -100,7 +99,7 @@ def adapted_answers(params, meta, doc_tokens, doc_mask, prompt_tokens, prompt_ma
       params, meta["theta"], d, m, config=config, lora_config=lora_config))(
           doc_tokens, doc_mask)
   lora = objective.batched_adapt(meta["theta"], meta["alpha"], grads)
-  return generate_lib.generate(params, prompt_tokens, prompt_mask, config=config,
+  return decode.generate(params, prompt_tokens, prompt_mask, config=config,
                                lora=lora, lora_config=lora_config,
                                max_new_tokens=max_new_tokens)
 
@@ -134,8 +133,11 @@ def _check_finite(step: int, m: dict) -> None:
         f"({ {k: m[k] for k in bad} }); lower meta.lr or alpha_init")
 
 
-def train(config, workdir) -> dict:
+def train(config, workdir, stop_after: int | None = None) -> dict:
   """Meta-trains theta, alpha on config.data's training tasks; returns a summary.
+
+  stop_after: leave after this many steps of this run (a pre-emptible job's
+  slice); the next call resumes from the checkpoint. None = run to the end.
 
   Writes workdir/checkpoints (orbax, resumable), workdir/meta_state (the best
   dev-F1 state, or the last one without evaluation) and workdir/metrics.jsonl.
@@ -208,6 +210,10 @@ def train(config, workdir) -> dict:
              desc="meta-train", disable=not parallel.is_chief())
   last = {}
   for step in bar:
+    if stop_after is not None and step >= start + stop_after:
+      manager.save(step, args=ocp.args.StandardSave(
+          {"meta": meta, "opt_state": opt_state}))
+      break
     idx = batch_indices(config.seed, step, mc.batch_size, len(train_tasks))
     batch = tasks_lib.collate([train_tasks[i] for i in idx], doc_buckets=dc.doc_buckets,
                               qa_buckets=dc.qa_buckets, pad_id=tokenizer.pad_id)

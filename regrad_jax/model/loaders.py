@@ -83,12 +83,22 @@ def _assemble(get: Callable[[str], np.ndarray], config: ModelConfig,
     The param tree of float32 jax arrays, layers stacked on axis 0.
   """
   expected = transformer.param_shapes(config)
-  used = set()
+  top = {ours: top_names[ours] for ours in expected if ours != "layers"}
+  per_layer = {ours: [layer_fmt.format(i=i, name=layer_names[ours])
+                      for i in range(config.n_layers)]
+               for ours in expected["layers"]}
+  wanted = set(top.values()).union(*per_layer.values())
+  missing = sorted(wanted - available)
+  if missing:  # Checked before anything is read: fail fast on a large model.
+    raise ValueError(f"{source}: missing tensor {missing[0]!r}"
+                     + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+  extra = sorted(available - wanted - ignorable)
+  if extra:
+    raise ValueError(
+        f"{source}: {len(extra)} unexpected tensors, e.g. {extra[:4]}: the "
+        f"checkpoint has parts this {config.arch} decoder does not implement")
 
   def read(name: str, ours: str, shape: tuple) -> np.ndarray:
-    if name not in available:
-      raise ValueError(f"{source}: missing tensor {name!r}")
-    used.add(name)
     arr = get(name)
     want = shape[::-1] if ours in _TRANSPOSED else shape
     if tuple(arr.shape) != tuple(want):
@@ -96,26 +106,17 @@ def _assemble(get: Callable[[str], np.ndarray], config: ModelConfig,
                        f"the config implies {tuple(want)}")
     return arr.T if ours in _TRANSPOSED else arr
 
-  params = {}
-  for ours, spec in expected.items():
-    if ours == "layers":
-      continue
-    params[ours] = jnp.asarray(read(top_names[ours], ours, spec.shape), jnp.float32)
+  params = {ours: jnp.asarray(read(name, ours, expected[ours].shape), jnp.float32)
+            for ours, name in top.items()}
   layers = {}
-  for ours, spec in expected["layers"].items():
-    # Fill a preallocated stack: peak memory is one copy of the model, not two.
-    stack = np.empty(spec.shape, np.float32)
-    for i in range(config.n_layers):
-      stack[i] = read(layer_fmt.format(i=i, name=layer_names[ours]), ours,
-                      spec.shape[1:])
+  for ours, names in per_layer.items():
+    # Fill one preallocated stack (no list of per-layer copies to np.stack).
+    stack = np.empty(expected["layers"][ours].shape, np.float32)
+    for i, name in enumerate(names):
+      stack[i] = read(name, ours, stack.shape[1:])
     layers[ours] = jnp.asarray(stack)
     del stack
   params["layers"] = layers
-  extra = sorted(available - used - ignorable)
-  if extra:
-    raise ValueError(
-        f"{source}: {len(extra)} unexpected tensors, e.g. {extra[:4]}: the "
-        f"checkpoint has parts this {config.arch} decoder does not implement")
   return params
 
 
@@ -220,10 +221,11 @@ def _read_safetensors(path: pathlib.Path, config: ModelConfig) -> dict:
       except SafetensorError as e:
         raise ValueError(f"{file}: not a readable safetensors file (truncated or "
                          f"corrupt?): {e}") from e
+    contents = {file: set(h.keys()) for file, h in handles.items()}
     if not where:
-      where = {name: files[0] for name in handles[files[0]].keys()}
+      where = {name: files[0] for name in contents[files[0]]}
     for name, file in where.items():
-      if name not in handles[file].keys():
+      if name not in contents[file]:
         raise ValueError(f"{file}: the index places tensor {name!r} here but the "
                          "file does not contain it")
 
@@ -395,23 +397,24 @@ def load_gguf(path, dtype: str = "float32"
 _init_params = jax.jit(transformer.init_params, static_argnames="config")
 
 
-def load_model(model_cfg, seed: int = 0) -> tuple[dict, ModelConfig, object]:
+def load_model(model_cfg) -> tuple[dict, ModelConfig, object]:
   """Loads the model a config's `model` section names.
 
   Args:
     model_cfg: config.model: source ("tiny" | "smollm2_135m" | "hf" | "gguf"),
       path (for hf / gguf), dtype (compute dtype), max_seq_len.
-    seed: PRNG seed of the random "tiny" model (its weights are its identity).
   Returns:
     (params, ModelConfig, tokenizer).
   """
   source, dtype = model_cfg.source, model_cfg.get("dtype", "float32")
   path = model_cfg.get("path", "")
   if source in ("hf", "gguf") and not path:
-    raise ValueError(f"config.model.source={source!r} needs config.model.path")
+    raise ValueError(f"config.model.source={source!r} needs config.model.path, e.g. "
+                     "--config=configs/llama3_2_1b.py:path=/path/to/folder")
   if source == "tiny":
     config = tiny_config()
-    params = _init_params(jax.random.key(seed), config)
+    # The random tiny model's weights are its identity: one seed, in the config.
+    params = _init_params(jax.random.key(int(model_cfg.get("seed", 0))), config)
     return params, config.replace(dtype=dtype), ByteTokenizer()
   if source == "smollm2_135m":
     from regrad_jax import registry  # Pulls in pip / zip handling only when needed.

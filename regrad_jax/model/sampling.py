@@ -4,7 +4,7 @@ import numpy as np
 
 from regrad_jax import batching
 from regrad_jax import prompts as prompts_lib
-from regrad_jax.model.generate import generate
+from regrad_jax.model.decode import generate
 
 # Padded prompt lengths: a handful of jit shapes for any prompt up to 4096 tokens.
 PROMPT_BUCKETS = (32, 64, 128, 256, 512, 1024, 2048, 4096)

@@ -60,9 +60,13 @@ class Tokenizer:
     jinja = folder / "chat_template.jinja"
     if template is None and jinja.exists():
       template = jinja.read_text()
-    return cls(tok, bos_id=bos if bos is not None else eos, eos_id=eos,
-               pad_id=token_id("pad_token", None), chat_template=template,
-               add_bos=bool(tcfg.get("add_bos_token", False)), name=str(folder))
+    bos = bos if bos is not None else eos
+    # BOS comes either from tokenizer_config's add_bos_token (Llama 2) or from the
+    # tokenizer.json post-processor (Llama 3): ask the tokenizer itself.
+    probe = tok.encode("a", add_special_tokens=True).ids
+    add_bos = bool(tcfg.get("add_bos_token", False)) or (bool(probe) and probe[0] == bos)
+    return cls(tok, bos_id=bos, eos_id=eos, pad_id=token_id("pad_token", None),
+               chat_template=template, add_bos=add_bos, name=str(folder))
 
   def encode(self, text: str, add_bos: bool = False) -> list[int]:
     if not isinstance(text, str):

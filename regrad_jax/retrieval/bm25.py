@@ -9,7 +9,6 @@ On disk: `index.json` (ids) and bm25s' own files in `bm25s/` (score arrays as
 .npy written and read with allow_pickle=False, vocabulary and parameters as
 JSON, the texts as `corpus.jsonl`, which `add` / `remove` need to rebuild).
 """
-import pathlib
 import shutil
 
 import bm25s

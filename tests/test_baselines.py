@@ -1,0 +1,128 @@
+"""Baselines on the tiny model: Direct, RAG, CPT (full and LoRA), PRAG."""
+import jax
+import numpy as np
+import pytest
+
+from configs import tiny
+from regrad_jax import baselines
+from regrad_jax import data as data_lib
+from regrad_jax import retrieval
+from regrad_jax.baselines import prag as prag_lib
+from regrad_jax.eval import drift, metrics
+from regrad_jax.model import loaders, lora as lora_lib
+
+
+@pytest.fixture(scope="module")
+def setup():
+  c = tiny.get_config()
+  c.retrieval.backend = "brute"
+  c.eval.cpt_lr = 3e-3  # A few steps must visibly lower the loss of a random model.
+  c.eval.cpt_lora_lr = 3e-2
+  c.eval.cpt_epochs = 3
+  c.eval.prag_lr = 3e-2
+  c.eval.prag_steps = 5
+  c.eval.prag_batch_size = 4
+  params, model_cfg, tok = loaders.load_model(c.model)
+  docs, records = data_lib.load_split(c, "dev")
+  return c, params, model_cfg, tok, docs[:4], records[:4]
+
+
+def _snapshot(tree):
+  return jax.tree.map(lambda x: np.array(x, copy=True), tree)
+
+
+def _assert_same(tree, snap):
+  for a, b in zip(jax.tree.leaves(tree), jax.tree.leaves(snap)):
+    np.testing.assert_array_equal(np.asarray(a), b)
+
+
+def test_direct_gives_well_formed_metrics(setup):
+  c, params, model_cfg, tok, _, records = setup
+  method = baselines.Direct(params, model_cfg, tok, c)
+  preds = method.answer([r.question for r in records])
+  assert len(preds) == len(records) and all(isinstance(p, str) for p in preds)
+  result = metrics.aggregate(preds, [r.answers for r in records])
+  assert set(result) == {"em", "f1", "n"} and result["n"] == len(records)
+  assert 0.0 <= result["f1"] <= 100.0
+  assert method.generic_params() is params
+
+
+@pytest.mark.parametrize("use_lora", [False, True])
+def test_cpt_changes_weights_and_lowers_loss(setup, use_lora):
+  c, params, model_cfg, tok, docs, records = setup
+  base = _snapshot(params)
+  method = baselines.CPT(params, model_cfg, tok, c, lora=use_lora)
+  before = method.lm_loss(docs) if not use_lora else None
+  method.inject(docs[:2])  # A stream: two arrivals, one optimiser state.
+  method.inject(docs[2:])
+  assert method.steps == 2 * c.eval.cpt_epochs
+  if use_lora:  # Epochs over the same batch (LoRA: no extra loss compile).
+    losses = [v for _, v in method.history]
+    assert losses[c.eval.cpt_epochs - 1] < losses[0] - 0.05, losses
+  else:
+    after = method.lm_loss(docs)
+    assert after < before - 0.05, (before, after)
+  assert drift.weight_l2(method.generic_params(), params) > 0.0
+  _assert_same(params, base)  # The base weights are copied, never trained.
+  if not use_lora:  # (The LoRA decoder is another compile; PRAG covers it.)
+    assert len(method.answer([r.question for r in records])) == len(records)
+  with pytest.raises(ValueError, match="doc_buckets"):
+    bad = tiny.get_config()
+    bad.data.doc_buckets = (32,)
+    baselines.CPT(params, model_cfg, tok, bad)
+
+
+def test_rag_retrieves_and_indexes_only_new_documents(setup):
+  c, params, model_cfg, tok, docs, records = setup
+  retriever = retrieval.Retriever.build(c, docs[:2])
+  method = baselines.RAG(params, model_cfg, tok, retriever, docs[:2], c, k=2)
+  method.inject(docs)  # Two known, two new.
+  assert sorted(retriever.ids) == sorted(d.id for d in docs)
+  preds = method.answer([r.question for r in records])
+  assert len(preds) == len(records)
+  assert [len(row) for row in method.last_doc_ids] == [2] * len(records)
+  assert all(i in method.text for row in method.last_doc_ids for i in row)
+  # Prompts carry the passages (cut to max_context_len tokens).
+  ids = baselines.qa_prompt_ids(tok, ["Q?"], [["alpha beta"]])
+  assert b"alpha beta" in bytes(x for x in ids[0] if x < 256)
+  assert method.generic_params() is params
+
+
+def test_prag_cat_merge_equals_sum_of_deltas(setup):
+  c, params, model_cfg, tok, _, _ = setup
+  lcfg = lora_lib.LoraConfig(rank=2, alpha=32.0, start=0, stop=model_cfg.n_layers,
+                             targets=prag_lib.TARGETS)
+  adapters = []
+  rng = np.random.default_rng(0)
+  for _ in range(2):  # Both A and B nonzero, so each adapter changes the weights.
+    adapters.append(jax.tree.map(
+        lambda x: rng.standard_normal(x.shape, np.float32) * np.float32(0.05),
+        jax.eval_shape(lambda k: lora_lib.init_lora(k, model_cfg, lcfg), jax.random.key(0))))
+  merged_cfg = lora_lib.LoraConfig(rank=6, alpha=96.0, start=0,
+                                   stop=model_cfg.n_layers, targets=prag_lib.TARGETS)
+  cat = prag_lib.concat_adapters(adapters, k=3)  # Third slot: zero padding.
+  assert cat["gate"]["a"].shape[-1] == 6
+  # The merged adapter's weight update is the sum of the two adapters' updates.
+  got = lora_lib.merge_into_base(params, cat, merged_cfg)
+  want = lora_lib.merge_into_base(lora_lib.merge_into_base(params, adapters[0], lcfg),
+                                  adapters[1], lcfg)
+  for name in prag_lib.TARGETS:
+    np.testing.assert_allclose(np.asarray(got["layers"][name]),
+                               np.asarray(want["layers"][name]), atol=1e-6)
+  with pytest.raises(ValueError, match="adapters"):
+    prag_lib.concat_adapters(adapters, k=1)
+
+
+def test_prag_trains_adapters_of_retrieved_documents(setup):
+  c, params, model_cfg, tok, docs, records = setup
+  base = _snapshot(params)
+  retriever = retrieval.Retriever.build(c, docs)
+  method = baselines.PRAG(params, model_cfg, tok, retriever, docs, c, k=2)
+  preds = method.answer([r.question for r in records])
+  assert len(preds) == len(records)
+  retrieved = {i for row in method.last_doc_ids for i in row}
+  assert set(method.adapters) == retrieved  # Lazy: only what was retrieved.
+  for before, after in method.train_losses.values():
+    assert after < before, (before, after)
+  _assert_same(params, base)
+  assert method.generic_params() is params

@@ -1,0 +1,129 @@
+"""Multi-host: two jax.distributed processes train like one process on 4 devices.
+
+The two workers (2 fake CPU devices each) build one global 4-device mesh, assemble
+each meta-batch as a global array and run 2 meta-steps of `trainer.make_step`; a
+third, single process with 4 devices runs the same steps. The meta states must
+agree. The workers drive `make_step` rather than `trainer.train` because train()
+cannot yet finish under jax.distributed (its meta_state is saved by the chief
+alone, and orbax's save is collective: the chief waits forever for the others);
+the loop they run is train()'s, minus checkpoints and evaluation.
+
+Also here: the library imports that the launches make must leave JAX's backend
+uninitialised (jax.distributed.initialize() refuses to run after it), and the
+multi-host launch scripts must parse.
+"""
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from tests.conftest import REPO
+
+TIMEOUT_S = 240  # Per process; about 25 s of CPU each on an idle machine.
+
+
+def _free_port() -> int:
+  try:
+    with socket.socket() as s:
+      s.bind(("127.0.0.1", 0))
+      return s.getsockname()[1]
+  except OSError as e:
+    pytest.skip(f"cannot bind a local port for the coordinator: {e}")
+
+
+def _env() -> dict:
+  env = dict(os.environ)
+  env.pop("XLA_FLAGS", None)  # The worker sets its own device count.
+  cache = jax.config.jax_compilation_cache_dir
+  if cache:
+    env["REGRAD_TEST_JAX_CACHE"] = cache
+  return env
+
+
+def _start(out, *args):
+  return subprocess.Popen(
+      [sys.executable, str(REPO / "tests" / "_multihost_worker.py"), "--out",
+       str(out), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO,
+      env=_env())
+
+
+def _finish(procs) -> list[dict]:
+  outs = []
+  for p in procs:
+    try:
+      out, err = p.communicate(timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+      for q in procs:
+        q.kill()
+        q.communicate()
+      pytest.fail(f"a multi-host worker ran past {TIMEOUT_S} s")
+    assert p.returncode == 0, err.decode()[-3000:]
+    outs.append(json.loads(out.decode().strip().splitlines()[-1]))
+  return outs
+
+
+def _load(folder, prefix) -> list[np.ndarray]:
+  return [np.load(f) for f in sorted(folder.glob(f"{prefix}_*.npy"))]
+
+
+def test_two_processes_train_like_one(tmp_path):
+  port = _free_port()
+  # All three run at once: the single-process reference overlaps the pair.
+  procs = [_start(tmp_path / "two", "--devices", "2", "--num_processes", "2",
+                  "--process_id", str(i), "--port", str(port)) for i in range(2)]
+  procs.append(_start(tmp_path / "one", "--devices", "4"))
+  two0, two1, one = _finish(procs)
+
+  assert [two0["process"], two1["process"]] == [0, 1]
+  assert two0["processes"] == 2 and two0["devices"] == 4
+  assert two0["local_devices"] == 2
+  assert one["processes"] == 1 and one["devices"] == one["local_devices"] == 4
+
+  p0, p1, ref = tmp_path / "two" / "p0", tmp_path / "two" / "p1", tmp_path / "one" / "p0"
+  meta0, meta1, meta_ref = _load(p0, "meta"), _load(p1, "meta"), _load(ref, "meta")
+  assert len(meta0) == len(meta_ref) > 0
+  # Replicated outputs: both processes hold the very same state.
+  for a, b in zip(meta0, meta1):
+    np.testing.assert_array_equal(a, b)
+  # Cross-process all-reduce may sum in another order than in-process: allclose.
+  np.testing.assert_allclose(np.load(p0 / "losses.npy"), np.load(ref / "losses.npy"),
+                             rtol=1e-5)
+  for a, b in zip(meta0, meta_ref):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+  # The two steps moved every leaf (theta and alpha): the comparison has teeth.
+  for before, after in zip(_load(ref, "init"), meta_ref):
+    assert before.shape == after.shape and not np.allclose(before, after)
+
+
+def test_launch_imports_leave_jax_uninitialised():
+  """`--config.distributed=True` needs jax.distributed.initialize() to run first.
+
+  Each launch imports the library at module level, then calls
+  parallel.maybe_initialize_distributed in main(): no library import may run a
+  JAX computation (e.g. a third-party module doing one at import time).
+  """
+  launches = ["meta_train", "build_bank", "build_index", "answer", "evaluate"]
+  code = ("import importlib\n"
+          "from jax._src import xla_bridge\n"
+          f"for name in {launches!r}:\n"
+          "  importlib.import_module('launch.' + name)\n"
+          "  assert not xla_bridge.backends_are_initialized(), name\n")
+  r = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=_env(),
+                     capture_output=True, timeout=120)
+  assert r.returncode == 0, (
+      "a launch's imports initialise the JAX backend, so its "
+      "--config.distributed=True would fail:\n" + r.stderr.decode()[-2000:])
+
+
+@pytest.mark.parametrize("script", ["tpu_pod.sh", "gpu_multinode.sh"])
+def test_launch_scripts_parse(script):
+  path = REPO / "launch" / script
+  r = subprocess.run(["bash", "-n", str(path)], capture_output=True, timeout=30)
+  assert r.returncode == 0, r.stderr.decode()
+  r = subprocess.run(["bash", str(path), "--help"], capture_output=True, timeout=30)
+  assert r.returncode == 0 and b"Usage" in r.stdout, r.stderr.decode()
