@@ -8,7 +8,9 @@ In one run, on the first --docs passages of the dev split:
    vmapped value_and_grad, encode, TensorStore writes, commit markers, manifest)
    against two bare loops over the same documents and buckets, without storage:
    a jitted per-document value_and_grad (one document per call) and the bank's
-   own jitted step called batch after batch. Compilation is excluded everywhere.
+   own jitted step called batch after batch. Compilation is excluded everywhere;
+   the paths alternate over --rounds chunks of the documents (fair under a
+   changing machine load).
 2. For every codec (the fp32 bank is transcoded): bytes per document on disk,
    the relative error of each document's gradient and of the K=3 sums the
    adaptation uses, and the latency of reading K=3 rows (one query, and 16
@@ -52,6 +54,7 @@ _WORKDIR = flags.DEFINE_string("workdir", "", "Where banks go ('' = a temp dir).
 _CODECS = flags.DEFINE_list(
     "codecs", ["bf16", "int8", "qzstd:0.3", "qzstd:0.4", "qzstd:0.5", "lowrank:4",
                "lowrank:8"], "Codecs to compare with fp32 (name[:step or rank]).")
+_ROUNDS = flags.DEFINE_integer("rounds", 4, "Chunks the timed paths alternate over.")
 _K = 3
 
 
@@ -85,31 +88,50 @@ def meta_state(config, params, model_cfg, tokenizer):
   return theta, alpha, lcfg, "stand-in theta* (PEFT A, B ~ N(0, 0.02^2))"
 
 
-def time_bare_loops(params, theta, model_cfg, lcfg, computer, tokenized) -> dict:
-  """docs/s of a jitted per-document value_and_grad loop and of the bank's step."""
+def time_build_paths(params, theta, model_cfg, lcfg, computers, docs, workdir,
+                     rounds: int) -> tuple[dict, dict]:
+  """docs/s of the full build path and of two bare loops, compilation excluded.
+
+  The documents are split into `rounds` chunks and the paths take turns chunk by
+  chunk, so a change of machine load hits all of them alike. The full path
+  appends each chunk to a bank (one build call per chunk).
+
+  Returns:
+    ({path: docs/s}, {computer name: the bank it built}).
+  """
   @jax.jit
   def one(params, theta, tokens, mask):
     return jax.value_and_grad(lambda l: losses.lm_loss(
         params, l, tokens, mask, config=model_cfg, lora_config=lcfg)[0])(theta)
 
-  lengths = sorted({len(t) for t, _, _ in tokenized})
-  for length in lengths:  # Compile every shape first.
+  main = computers["default"]
+  tokenized = main.tokenize([d.text for d in docs])
+  for length in sorted({len(t) for t, _, _ in tokenized}):  # Compile every shape.
     z = np.zeros((1, length), np.int32)
     jax.block_until_ready(one(params, theta, z, z.astype(bool)))
-    g = computer.global_batch
-    jax.block_until_ready(computer(np.zeros((g, length), np.int32),
-                                   np.zeros((g, length), bool)))
-  t0 = time.perf_counter()
-  for tokens, mask, _ in tokenized:
-    out = one(params, theta, tokens[None], mask[None])
-  jax.block_until_ready(out)
-  per_doc = len(tokenized) / (time.perf_counter() - t0)
-  t0 = time.perf_counter()
-  for _, tokens, mask in computer.batches(range(len(tokenized)), tokenized):
-    out = computer(tokens, mask)
-  jax.block_until_ready(out)
-  batched = len(tokenized) / (time.perf_counter() - t0)
-  return {"bare_per_doc": per_doc, "bare_batched": batched}
+    for c in computers.values():
+      g = c.global_batch
+      jax.block_until_ready(c(np.zeros((g, length), np.int32), np.zeros((g, length), bool)))
+  banks = {}
+  for name, c in computers.items():
+    shutil.rmtree(workdir / f"build_{name}", ignore_errors=True)
+    banks[name] = bank_lib.Bank.open_for(workdir / f"build_{name}", c)
+  seconds = dict.fromkeys(["bare_per_doc", "bare_batched"] + [
+      f"full_{n}" for n in computers], 0.0)
+  for chunk in np.array_split(np.arange(len(docs)), rounds):
+    t0 = time.perf_counter()
+    for i in chunk:
+      out = one(params, theta, tokenized[i][0][None], tokenized[i][1][None])
+    jax.block_until_ready(out)
+    seconds["bare_per_doc"] += time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for _, tokens, mask in main.batches(chunk, [tokenized[i] for i in chunk]):
+      out = main(tokens, mask)
+    jax.block_until_ready(out)
+    seconds["bare_batched"] += time.perf_counter() - t0
+    for name, c in computers.items():
+      seconds[f"full_{name}"] += banks[name].build([docs[i] for i in chunk], c).seconds
+  return {k: len(docs) / v for k, v in seconds.items()}, banks
 
 
 def read_latency(b, ids, rng) -> dict:
@@ -193,20 +215,9 @@ def main(argv):
         f"{np.median([m.sum() for _, m, _ in tokenized]):.0f}, "
         f"{sum(c for _, _, c in tokenized)} truncated to {config.data.max_context_len}; "
         f"{theta_desc}; {jax.device_count()} device(s)")
-  speed = time_bare_loops(params, theta, model_cfg, lcfg, default, tokenized)
-  for c in (default, fp32):  # Compile each bucket of each step outside the timing.
-    for length in sorted({len(t) for t, _, _ in tokenized}):
-      g = c.global_batch
-      jax.block_until_ready(c(np.zeros((g, length), np.int32), np.zeros((g, length), bool)))
-
-  banks = {}
-  for name, c in (("default", default), ("fp32", fp32)):
-    path = workdir / f"build_{name}"
-    shutil.rmtree(path, ignore_errors=True)
-    b = bank_lib.Bank.open_for(path, c)
-    report = b.build(docs, c, progress=True)
-    speed[f"full_{name}"] = report.docs_per_s
-    banks[name] = b
+  speed, banks = time_build_paths(params, theta, model_cfg, lcfg,
+                                  {"default": default, "fp32": fp32}, docs, workdir,
+                                  _ROUNDS.value)
   speed["ratio_vs_per_doc"] = speed["full_default"] / speed["bare_per_doc"]
   speed["ratio_vs_batched"] = speed["full_default"] / speed["bare_batched"]
 
@@ -235,12 +246,19 @@ def main(argv):
         **fidelity(b, ref, ids, retrieved), **metrics.aggregate(preds, golds),
         "same_answers": float(np.mean([p == q for p, q in zip(preds, base_answers)]))}
 
+  built = banks["default"]  # The default codec's bank from the timed build path.
+  speed["default_built"] = {"bytes_per_doc": built.size_bytes() / len(built),
+                            **fidelity(built, ref, ids, retrieved)}
   fp32_bytes, fp32_f1 = rows["fp32"]["bytes_per_doc"], rows["fp32"]["f1"]
   print(f"\nbuild, docs/s: full path {speed['full_default']:.2f} "
         f"({codec_label(default.codec)}), {speed['full_fp32']:.2f} (fp32); bare "
         f"per-document loop {speed['bare_per_doc']:.2f}, bare batched step "
         f"{speed['bare_batched']:.2f}; ratio full/bare {speed['ratio_vs_per_doc']:.2f} "
         f"(per-doc), {speed['ratio_vs_batched']:.2f} (batched)")
+  d = speed["default_built"]
+  print(f"default codec as built: {d['bytes_per_doc'] / 1e6:.3f} MB/doc "
+        f"({fp32_bytes / d['bytes_per_doc']:.1f}x smaller than fp32), relative error "
+        f"{d['rel_err_median']:.4f} (median)")
   print(f"\n{len(questions)} dev questions, BM25 top-{_K}; theta* alone (no "
         f"gradients): F1 {none['f1']:.1f}\n")
   print("| codec | MB/doc | x smaller | rel err (median / max) | K=3 sum rel err | "

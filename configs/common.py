@@ -80,7 +80,10 @@ def base() -> mlc.ConfigDict:
   c.retrieval.batch_size = 64
   c.retrieval.scann = mlc.ConfigDict()
   c.retrieval.scann.num_leaves = 0  # 0 = auto (about sqrt(n)).
-  c.retrieval.scann.num_leaves_to_search = 0  # 0 = auto (num_leaves / 10).
+  # 0 = auto: the smallest value from num_leaves / 10 up that reaches
+  # recall_target recall@10 on sample rows.
+  c.retrieval.scann.num_leaves_to_search = 0
+  c.retrieval.scann.recall_target = 0.99
   c.retrieval.scann.training_sample_size = 100_000
   c.retrieval.scann.dimensions_per_block = 2
   c.retrieval.scann.anisotropic_quantization_threshold = 0.2

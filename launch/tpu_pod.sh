@@ -52,7 +52,9 @@ ZONE="${ZONE:-us-west4-a}"                 # Its zone.
 PROJECT="${PROJECT:-}"                     # GCP project ("" = gcloud's default).
 BUCKET="${BUCKET:-my-regrad-bucket}"       # GCS bucket (no gs://) for all outputs.
 MOUNT="${MOUNT:-/mnt/regrad}"              # Where every host mounts it.
-MOUNT_CMD="${MOUNT_CMD:-gcsfuse --implicit-dirs ${BUCKET} ${MOUNT}}"
+# NB: orbax commits a checkpoint by renaming its temporary folder, which gcsfuse
+# refuses unless --rename-dir-limit exceeds the folder's file count.
+MOUNT_CMD="${MOUNT_CMD:-gcsfuse --implicit-dirs --rename-dir-limit=200000 ${BUCKET} ${MOUNT}}"
 RUN_NAME="${RUN_NAME:-smollm2_cpkc}"       # Folder of this run in the bucket.
 WORKDIR="${WORKDIR:-${MOUNT}/runs/${RUN_NAME}}"  # = gs://$BUCKET/runs/$RUN_NAME
 DATA_DIR="${DATA_DIR:-${MOUNT}/data}"      # Prepared data, shared by all hosts.
@@ -61,7 +63,10 @@ DATA_DIR="${DATA_DIR:-${MOUNT}/data}"      # Prepared data, shared by all hosts.
 CONFIG="${CONFIG:-configs/smollm2_cpkc.py:batch=16}"
 # Extra config overrides for every stage, e.g. "--config.meta.num_steps=600".
 EXTRA_FLAGS="${EXTRA_FLAGS:---config.model.dtype=bfloat16}"
-SINGLE_HOST_ENV="${SINGLE_HOST_ENV:-TPU_PROCESS_BOUNDS=1,1,1 TPU_CHIPS_PER_PROCESS_BOUNDS=2,2,1 TPU_VISIBLE_CHIPS=0,1,2,3}"
+# Worker 0 alone as a whole slice, for build_index and evaluate (see above);
+# "JAX_PLATFORMS=cpu" runs them on its CPUs instead.
+SINGLE_HOST_ENV="${SINGLE_HOST_ENV:-TPU_PROCESS_BOUNDS=1,1,1 \
+TPU_CHIPS_PER_PROCESS_BOUNDS=2,2,1 TPU_VISIBLE_CHIPS=0,1,2,3}"
 REMOTE_DIR="${REMOTE_DIR:-regrad_jax}"     # Checkout on each host (under ~).
 VENV="${VENV:-regrad_venv}"                # Virtual environment on each host.
 JAX_VERSION="${JAX_VERSION:-0.10.2}"       # = setup.py's pin; adds libtpu.
@@ -107,7 +112,8 @@ command -v ${PYTHON} >/dev/null || {
 if [[ "${MOUNT_CMD}" == gcsfuse* ]] && ! command -v gcsfuse >/dev/null; then
   curl -fsSL https://packages.cloud.google.com/apt/doc/apt-key.gpg |
     sudo tee /usr/share/keyrings/cloud.google.asc >/dev/null
-  echo "deb [signed-by=/usr/share/keyrings/cloud.google.asc] https://packages.cloud.google.com/apt gcsfuse-\$(lsb_release -cs) main" |
+  apt_repo="https://packages.cloud.google.com/apt gcsfuse-\$(lsb_release -cs) main"
+  echo "deb [signed-by=/usr/share/keyrings/cloud.google.asc] \${apt_repo}" |
     sudo tee /etc/apt/sources.list.d/gcsfuse.list >/dev/null
   sudo apt-get update -q && sudo apt-get install -y -q gcsfuse
 fi

@@ -1,1 +1,10 @@
 """regrad_jax: Retrievable Gradients (ReGrad) in JAX/Flax."""
+import pathlib
+
+
+def released(name: str) -> pathlib.Path:
+  """Path of a meta-learned state shipped with the package (regrad_jax/released)."""
+  path = pathlib.Path(__file__).parent / "released" / name
+  if not (path / "info.json").exists():
+    raise FileNotFoundError(f"no released meta-learned state {name!r} at {path}")
+  return path

@@ -1,7 +1,7 @@
 """Drift: how far a method's *generic* model has moved from the base model.
 
 After a method has injected documents, the weights that answer a query unrelated
-to those documents (a "generic query") are measured three ways:
+to those documents (a "generic query") get four figures:
 
   ppl_general  token-level perplexity on general text (Moby-Dick and State of the
                Union chunks; `data.load_general_text`).
@@ -53,10 +53,10 @@ from regrad_jax import data as data_lib
 from regrad_jax.data import records as records_lib
 from regrad_jax.data import tiny as tiny_data
 from regrad_jax.eval import metrics
-from regrad_jax.model.decode import generate
 from regrad_jax.model import losses
 from regrad_jax.model import sampling
 from regrad_jax.model import transformer
+from regrad_jax.model.decode import generate
 from regrad_jax.model.config import ModelConfig
 
 FIELDS = ("ppl_general", "ppl_wiki", "probe_acc", "weight_l2")

@@ -32,6 +32,7 @@ from regrad_jax.adapt import engine as engine_lib
 from regrad_jax import bank as bank_lib
 from regrad_jax import baselines
 from regrad_jax import data as data_lib
+from regrad_jax import parallel
 from regrad_jax import retrieval
 from regrad_jax.eval import drift as drift_lib
 from regrad_jax.eval import metrics
@@ -187,16 +188,20 @@ def run(config, workdir) -> dict:
   params, model_cfg, tokenizer = loaders.load_model(config.model)
   split_docs, records = select_records(config)
   corpus = eval_corpus(config, split_docs, records)
-  logging.info("%d questions of %s/%s, %d documents", len(records), config.data.name,
-               config.eval.split, len(corpus))
+  tqdm.write(f"{len(records)} questions of {config.data.name}/{config.eval.split}, "
+             f"{len(corpus)} documents; methods {', '.join(names)}")
 
-  engine, meta_path, meta_info = None, None, None
+  engine, meta_path, meta_info, timing = None, None, None, {}
   if any(n in RETRIEVAL_METHODS for n in names):
+    t0 = time.perf_counter()
     meta_path = ensure_meta_state(config, workdir)
     info = json.loads((meta_path / "info.json").read_text())
     meta_info = {k: info.get(k) for k in ("step", "dev", "mode", "alpha_mode")}
+    timing["meta_state"] = round(time.perf_counter() - t0, 1)
+    t0 = time.perf_counter()
     engine = build_engine(config, workdir, params, model_cfg, tokenizer, corpus,
                           bank_dir=workdir / "bank", index_dir=workdir / "index")
+    timing["bank_and_index"] = round(time.perf_counter() - t0, 1)
 
   meter = drift_lib.DriftMeter.from_config(config, params, tokenizer, model_cfg,
                                           corpus_ids=[d.id for d in corpus])
@@ -214,6 +219,10 @@ def run(config, workdir) -> dict:
     results[name] = figures
     predictions += rows
     logging.info("%s: %s", name, figures)
+    tqdm.write(f"{name}: F1 {figures['f1']:.1f}, EM {figures['em']:.1f}, ppl "
+               f"{figures['ppl_general']:.2f}/{figures['ppl_wiki']:.2f}, probe "
+               f"{figures['probe_acc']:.1f}, weight L2 {figures['weight_l2']:.4g} "
+               f"({figures['seconds']:.0f} s)")
     del method  # CPT holds a weight copy and optimiser state.
 
   out = {
@@ -231,11 +240,13 @@ def run(config, workdir) -> dict:
                 "probe": f"greedy {config.eval.probe_tokens}-token cloze "
                          "continuation; gold answer within the first words",
                 "ppl": f"token-level, windows <= {config.eval.ppl_window} tokens"},
+      "timing": timing,
       "seconds": round(time.perf_counter() - t_start, 1),
   }
-  (workdir / "results.json").write_text(json.dumps(out, indent=2))
-  (workdir / "results.md").write_text(report.results_table(results) + "\n")
-  with open(workdir / "predictions.jsonl", "w") as f:
-    for row in predictions:
-      f.write(json.dumps(row) + "\n")
+  if parallel.is_chief():
+    (workdir / "results.json").write_text(json.dumps(out, indent=2))
+    (workdir / "results.md").write_text(report.results_table(results) + "\n")
+    with open(workdir / "predictions.jsonl", "w") as f:
+      for row in predictions:
+        f.write(json.dumps(row) + "\n")
   return out

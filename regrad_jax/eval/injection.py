@@ -15,18 +15,20 @@ measured (eval/drift.py):
 
 The bank and index start with the distractors (config.data.num_distractors) and
 the first increment; later increments are appended through the engine's
-`inject`. Outputs in WORKDIR/injection/: curve.json ({"docs": [...], "methods":
+`inject`. WORKDIR/injection/bank is rebuilt on every run. Outputs in WORKDIR/injection/: curve.json ({"docs": [...], "methods":
 {name: [figures per increment]}}), table.md and curve.png (F1 and drift against
 documents injected).
 """
 import json
 import pathlib
+import shutil
 import time
 
 from absl import logging
 from tqdm import tqdm
 
 from regrad_jax import data as data_lib
+from regrad_jax import parallel
 from regrad_jax.eval import drift as drift_lib
 from regrad_jax.eval import evaluate
 from regrad_jax.eval import report
@@ -83,6 +85,8 @@ def run(config, workdir) -> dict:
   engine = None
   if any(n in evaluate.RETRIEVAL_METHODS for n in names):
     evaluate.ensure_meta_state(config, workdir)
+    # The bank must grow from the first increment: never reuse a previous run's.
+    shutil.rmtree(out_dir / "bank", ignore_errors=True)
     engine = evaluate.build_engine(
         config, workdir, params, model_cfg, tokenizer,
         distractors + stream[:increments[0]], bank_dir=out_dir / "bank")
@@ -111,14 +115,19 @@ def run(config, workdir) -> dict:
                  "seconds": round(time.perf_counter() - t0, 1)}
       curve["methods"][method.name].append(figures)
       logging.info("%d docs, %s: %s", n, method.name, figures)
+      tqdm.write(f"{n} documents, {method.name}: F1 {figures['f1']:.1f} "
+                 f"(n={figures['n']}), ppl {figures['ppl_general']:.2f}, probe "
+                 f"{figures['probe_acc']:.1f}, weight L2 {figures['weight_l2']:.4g}")
     prev = n
-    (out_dir / "curve.json").write_text(json.dumps(curve, indent=2))  # Partial too.
+    if parallel.is_chief():  # Partial curves too: a long run shows progress.
+      (out_dir / "curve.json").write_text(json.dumps(curve, indent=2))
 
   curve["setting"] = {"model": config.model.source, "data": config.data.name,
                       "split": config.eval.split,
                       "num_distractors": len(distractors),
                       "seconds": round(time.perf_counter() - t_start, 1)}
-  (out_dir / "curve.json").write_text(json.dumps(curve, indent=2))
-  (out_dir / "table.md").write_text(report.injection_table(curve) + "\n")
-  report.plot_injection(curve, out_dir / "curve.png")
+  if parallel.is_chief():
+    (out_dir / "curve.json").write_text(json.dumps(curve, indent=2))
+    (out_dir / "table.md").write_text(report.injection_table(curve) + "\n")
+    report.plot_injection(curve, out_dir / "curve.png")
   return curve

@@ -18,12 +18,17 @@ from regrad_jax.model.lora import LoraConfig
 
 
 def save(path, theta: dict, alpha, info: dict) -> None:
-  """Writes theta, alpha and info to a fresh directory `path` (replaced if present)."""
+  """Writes theta, alpha and info to `path` (replaced if present).
+
+  Every process of a multi-host job calls this (orbax saves are collective);
+  process 0 alone writes info.json.
+  """
   path = pathlib.Path(path).absolute()
   ckpt = ocp.StandardCheckpointer()
   ckpt.save(path / "arrays", {"theta": theta, "alpha": alpha}, force=True)
   ckpt.wait_until_finished()
-  (path / "info.json").write_text(json.dumps(info, indent=2, sort_keys=True))
+  if jax.process_index() == 0:
+    (path / "info.json").write_text(json.dumps(info, indent=2, sort_keys=True))
 
 
 def load(path, *, expect_base: str | None = None,
@@ -43,8 +48,13 @@ def load(path, *, expect_base: str | None = None,
     if want is not None and info.get(name) != want:
       raise ValueError(f"meta state at {path} was trained with {name}="
                        f"{info.get(name)}, but the model here has {want}")
-  tree = ocp.StandardCheckpointer().restore(path / "arrays")
-  tree = jax.tree.map(np.asarray, tree)
+  # Restore into host NumPy arrays shaped from the metadata: a state saved by a
+  # multi-process job reads back in one process (and vice versa).
+  ckpt = ocp.StandardCheckpointer()
+  meta = ckpt.metadata(path / "arrays").item_metadata.tree
+  target = jax.tree.map(lambda m: np.zeros(m.shape, m.dtype), meta,
+                        is_leaf=lambda x: hasattr(x, "shape"))
+  tree = jax.tree.map(np.asarray, ckpt.restore(path / "arrays", target))
   return tree["theta"], tree["alpha"], info
 
 

@@ -10,11 +10,11 @@ task), so the gold passage is not always first.
 """
 import dataclasses
 
-import bm25s
 import numpy as np
 
 from regrad_jax import batching
 from regrad_jax import prompts
+from regrad_jax.retrieval import bm25
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,23 +26,6 @@ class Task:
   doc_ids: list[list[int]]  # Token ids per passage (truncated, unpadded).
   qa_ids: list[int]  # Prompt + answer + EOS.
   n_prompt: int  # Prompt length within qa_ids.
-
-
-class BM25Neighbours:
-  """BM25 over a passage corpus, to pick a question's k-1 distractor passages."""
-
-  def __init__(self, doc_ids: list[str], texts: list[str]):
-    self.doc_ids = list(doc_ids)
-    self._retriever = bm25s.BM25()
-    self._retriever.index(bm25s.tokenize(texts, stopwords="en", show_progress=False),
-                          show_progress=False)
-
-  def top(self, questions: list[str], k: int) -> list[list[str]]:
-    k = min(k, len(self.doc_ids))
-    idx, _ = self._retriever.retrieve(
-        bm25s.tokenize(questions, stopwords="en", show_progress=False), k=k,
-        show_progress=False)
-    return [[self.doc_ids[j] for j in row] for row in np.asarray(idx)]
 
 
 def build_tasks(records, documents, tokenizer, *, k: int, mode: str,
@@ -67,8 +50,9 @@ def build_tasks(records, documents, tokenizer, *, k: int, mode: str,
                      f"e.g. {missing[:3]}")
   neighbours = [[] for _ in records]
   if k > 1:
-    bm25 = BM25Neighbours(list(text), list(text.values()))
-    hits = bm25.top([r.question for r in records], k)
+    index = bm25.BM25Index()
+    index.build(list(text), list(text.values()))
+    hits, _ = index.search([r.question for r in records], k)
     neighbours = [[h for h in row if h != r.passage_id][:k - 1]
                   for r, row in zip(records, hits)]
   tasks = []

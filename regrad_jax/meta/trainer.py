@@ -201,8 +201,8 @@ def train(config, workdir, stop_after: int | None = None) -> dict:
       "config": json.loads(config.to_json_best_effort()),
   }
   eval_kw = dict(config=model_cfg, lora_config=lcfg, data_cfg=dc)
-  best_f1 = -1.0
-  if parallel.is_chief() and (workdir / "meta_state" / "info.json").exists():
+  best_f1 = -1.0  # Every process reads it, so all agree on when to save.
+  if (workdir / "meta_state" / "info.json").exists():
     best_f1 = json.loads((workdir / "meta_state" / "info.json").read_text()).get(
         "dev", {}).get("f1", -1.0)
   log = open(workdir / "metrics.jsonl", "a") if parallel.is_chief() else None
@@ -231,7 +231,7 @@ def train(config, workdir, stop_after: int | None = None) -> dict:
     if dev_tasks and ((step + 1) % mc.eval_every == 0 or step + 1 == mc.num_steps):
       m["dev"] = evaluate(params, meta, dev_tasks, tokenizer, **eval_kw)
       logging.info("step %d dev %s", step + 1, m["dev"])
-      if m["dev"]["f1"] > best_f1 and parallel.is_chief():
+      if m["dev"]["f1"] > best_f1:  # orbax saves are collective: all processes.
         best_f1 = m["dev"]["f1"]
         state_lib.save(workdir / "meta_state", meta["theta"], meta["alpha"],
                        {**info, "step": step + 1, "dev": m["dev"]})
@@ -243,7 +243,7 @@ def train(config, workdir, stop_after: int | None = None) -> dict:
           {"meta": meta, "opt_state": opt_state}))
     last = m
   manager.wait_until_finished()
-  if not dev_tasks and parallel.is_chief():
+  if not dev_tasks:
     state_lib.save(workdir / "meta_state", meta["theta"], meta["alpha"],
                    {**info, "step": mc.num_steps})
   return {"last": last, "best_dev_f1": best_f1, "meta": meta}

@@ -11,14 +11,21 @@ JSON, the texts as `corpus.jsonl`, which `add` / `remove` need to rebuild).
 """
 import shutil
 
-import bm25s
 import numpy as np
 
 from regrad_jax.retrieval import index as index_lib
 
 
+def _bm25s():
+  # NB: imported on first use, not at module import: `import bm25s` runs a JAX op
+  # (jax.lax.top_k), which would start the backend before a multi-host launch can
+  # call jax.distributed.initialize().
+  import bm25s
+  return bm25s
+
+
 def _tokenize(texts: list[str]) -> list[list[str]]:
-  return bm25s.tokenize(texts, lower=True, stopwords="en", return_ids=False, show_progress=False)
+  return _bm25s().tokenize(texts, lower=True, stopwords="en", return_ids=False, show_progress=False)
 
 
 class BM25Index(index_lib.Index):
@@ -48,7 +55,7 @@ class BM25Index(index_lib.Index):
   def _set_rows(self, ids, texts, embeddings):
     self._ids, self._corpus, self._bm25 = ids, texts, None
     if ids:
-      self._bm25 = bm25s.BM25(k1=self.k1, b=self.b)
+      self._bm25 = _bm25s().BM25(k1=self.k1, b=self.b)
       self._bm25.index(_tokenize(texts), show_progress=False)
 
   def _search_rows(self, queries, k):
@@ -70,8 +77,8 @@ class BM25Index(index_lib.Index):
     self._ids, self._corpus, self._bm25 = ids, [], None
     if not ids:
       return
-    self._bm25 = bm25s.BM25.load(str(directory / "bm25s"), load_corpus=True, mmap=False,
-                                 allow_pickle=False, show_progress=False)
+    self._bm25 = _bm25s().BM25.load(str(directory / "bm25s"), load_corpus=True, mmap=False,
+                                    allow_pickle=False, show_progress=False)
     # bm25s saves plain-string corpus entries as {"id": row, "text": text}.
     self._corpus = [doc["text"] for doc in self._bm25.corpus]
     self._bm25.corpus = None  # We map rows to ids ourselves.

@@ -4,10 +4,11 @@ The bank is every cpkc dev and test passage plus all 10,033 Wikipedia summaries
 as distractors (11,533 documents); the questions are the first 200 of dev,
 whose gold passage is the record's own. Embedding the corpus dominates the run
 time: about 1.2M word pieces (1.45M padded) through MiniLM, some 30 TFLOP, so
-about 7 minutes on 2 idle CPU cores (about 12 CPU-minutes in all).
+about 7 minutes on 2 idle CPU cores (13.7 CPU-minutes measured in all).
 
 Measured (MiniLM, 11,533 documents, first 200 dev questions), gold in top 3:
-exact search 79.5%, ScaNN with the default recall_target 78.5%, BM25 69.5%.
+exact search 79.5%, ScaNN with the default recall_target 78.0-78.5% (39 of
+107 leaves searched; its k-means varies from run to run), BM25 69.5%.
 (All 500 dev questions: exact 81.4%, ScaNN 81.0%.) Many NQ passages never
 name the question's subject, which caps both retrievers.
 """
