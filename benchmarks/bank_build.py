@@ -20,7 +20,7 @@ In one run, on the first --docs passages of the dev split:
    the share of answers identical to fp32's. Without --meta_state theta* is a
    stand-in (PEFT init with a small random B, alpha at config.meta.alpha_init):
    its F1 says little about the method, but codec-induced changes still show.
-Results are printed as tables and written to WORKDIR/bank_bench.json.
+Results are printed as they come and written to WORKDIR/bank_bench.json.
 """
 import json
 import pathlib
@@ -55,6 +55,8 @@ _CODECS = flags.DEFINE_list(
     "codecs", ["bf16", "int8", "qzstd:0.3", "qzstd:0.4", "qzstd:0.5", "lowrank:4",
                "lowrank:8"], "Codecs to compare with fp32 (name[:step or rank]).")
 _ROUNDS = flags.DEFINE_integer("rounds", 4, "Chunks the timed paths alternate over.")
+_TIME_BUILDS = flags.DEFINE_bool(
+    "time_builds", True, "Time the build paths (else reuse WORKDIR's banks).")
 _K = 3
 
 
@@ -215,64 +217,73 @@ def main(argv):
         f"{np.median([m.sum() for _, m, _ in tokenized]):.0f}, "
         f"{sum(c for _, _, c in tokenized)} truncated to {config.data.max_context_len}; "
         f"{theta_desc}; {jax.device_count()} device(s)")
-  speed, banks = time_build_paths(params, theta, model_cfg, lcfg,
-                                  {"default": default, "fp32": fp32}, docs, workdir,
-                                  _ROUNDS.value)
-  speed["ratio_vs_per_doc"] = speed["full_default"] / speed["bare_per_doc"]
-  speed["ratio_vs_batched"] = speed["full_default"] / speed["bare_batched"]
+  out = {"docs": len(docs), "questions": len(questions), "theta": theta_desc,
+         "default_codec": codec_label(default.codec), "codecs": {}}
+  save = lambda: (workdir / "bank_bench.json").write_text(json.dumps(out, indent=2))
+  computers = {"default": default, "fp32": fp32}
+  if _TIME_BUILDS.value:
+    speed, banks = time_build_paths(params, theta, model_cfg, lcfg, computers, docs,
+                                    workdir, _ROUNDS.value)
+    speed["ratio_vs_per_doc"] = speed["full_default"] / speed["bare_per_doc"]
+    speed["ratio_vs_batched"] = speed["full_default"] / speed["bare_batched"]
+    out["speed"] = speed
+    print(f"\nbuild, docs/s: full path {speed['full_default']:.2f} "
+          f"({codec_label(default.codec)}), {speed['full_fp32']:.2f} (fp32); bare "
+          f"per-document loop {speed['bare_per_doc']:.2f}, bare batched step "
+          f"{speed['bare_batched']:.2f}; ratio full/bare {speed['ratio_vs_per_doc']:.2f} "
+          f"(per-doc), {speed['ratio_vs_batched']:.2f} (batched)", flush=True)
+    save()
+  else:  # Reuse (or resume) the banks of an earlier run in the same workdir.
+    banks = {}
+    for name, c in computers.items():
+      banks[name] = bank_lib.Bank.open_for(workdir / f"build_{name}", c)
+      banks[name].build(docs, c, progress=True)
 
   index = bm25.BM25Index()
   index.build([d.id for d in docs], [d.text for d in docs])
   retrieved, _ = index.search([q.question for q in questions], _K)
   ids = [d.id for d in docs]
   ref = banks["fp32"]
+  fp32_bytes = ref.size_bytes() / len(ref)
+  built = banks["default"]  # The default codec's bank, from the build path.
+  out["default_built"] = {"bytes_per_doc": built.size_bytes() / len(built),
+                          **fidelity(built, ref, ids, retrieved)}
+  d = out["default_built"]
+  print(f"default codec as built: {d['bytes_per_doc'] / 1e6:.3f} MB/doc "
+        f"({fp32_bytes / d['bytes_per_doc']:.1f}x smaller than fp32), relative error "
+        f"{d['rel_err_median']:.4f} (median)")
+
   rng = np.random.RandomState(0)
   answer = lambda b: answer_all(b, [q.question for q in questions], retrieved, params,
                                 theta, alpha, model_cfg, lcfg, tokenizer, config)
   golds = [q.answers for q in questions]
-  base_answers = answer(ref)
-  rows = {"fp32": {"bytes_per_doc": ref.size_bytes() / len(ref), **read_latency(ref, ids, rng),
-                   "rel_err_median": 0.0, "rel_err_max": 0.0, "sum_rel_err_median": 0.0,
-                   **metrics.aggregate(base_answers, golds), "same_answers": 1.0}}
-  none = metrics.aggregate(answer(None), golds)
-  for spec in _CODECS.value:
-    codec = parse_codec(spec)
-    path = workdir / f"codec_{spec.replace(':', '_')}"
-    shutil.rmtree(path, ignore_errors=True)
-    b = ref.transcode(path, codec)
-    preds = answer(b)
-    rows[codec_label(codec)] = {
-        "bytes_per_doc": b.size_bytes() / len(b), **read_latency(b, ids, rng),
-        **fidelity(b, ref, ids, retrieved), **metrics.aggregate(preds, golds),
-        "same_answers": float(np.mean([p == q for p, q in zip(preds, base_answers)]))}
-
-  built = banks["default"]  # The default codec's bank from the timed build path.
-  speed["default_built"] = {"bytes_per_doc": built.size_bytes() / len(built),
-                            **fidelity(built, ref, ids, retrieved)}
-  fp32_bytes, fp32_f1 = rows["fp32"]["bytes_per_doc"], rows["fp32"]["f1"]
-  print(f"\nbuild, docs/s: full path {speed['full_default']:.2f} "
-        f"({codec_label(default.codec)}), {speed['full_fp32']:.2f} (fp32); bare "
-        f"per-document loop {speed['bare_per_doc']:.2f}, bare batched step "
-        f"{speed['bare_batched']:.2f}; ratio full/bare {speed['ratio_vs_per_doc']:.2f} "
-        f"(per-doc), {speed['ratio_vs_batched']:.2f} (batched)")
-  d = speed["default_built"]
-  print(f"default codec as built: {d['bytes_per_doc'] / 1e6:.3f} MB/doc "
-        f"({fp32_bytes / d['bytes_per_doc']:.1f}x smaller than fp32), relative error "
-        f"{d['rel_err_median']:.4f} (median)")
+  out["no_gradients"] = metrics.aggregate(answer(None), golds)
   print(f"\n{len(questions)} dev questions, BM25 top-{_K}; theta* alone (no "
-        f"gradients): F1 {none['f1']:.1f}\n")
+        f"gradients): F1 {out['no_gradients']['f1']:.1f}\n")
   print("| codec | MB/doc | x smaller | rel err (median / max) | K=3 sum rel err | "
         "read K=3 ms | 16 queries ms | F1 | dF1 vs fp32 | same answers |")
-  print("|---|---|---|---|---|---|---|---|---|---|")
-  for name, r in rows.items():
-    print(f"| {name} | {r['bytes_per_doc'] / 1e6:.3f} | {fp32_bytes / r['bytes_per_doc']:.1f} | "
-          f"{r['rel_err_median']:.4f} / {r['rel_err_max']:.4f} | {r['sum_rel_err_median']:.4f} | "
+  print("|---|---|---|---|---|---|---|---|---|---|", flush=True)
+  base_answers = answer(ref)
+  for spec in ["fp32"] + list(_CODECS.value):
+    if spec == "fp32":
+      b, preds, err = ref, base_answers, {"rel_err_median": 0.0, "rel_err_max": 0.0,
+                                          "sum_rel_err_median": 0.0}
+    else:
+      path = workdir / f"codec_{spec.replace(':', '_')}"
+      shutil.rmtree(path, ignore_errors=True)
+      b = ref.transcode(path, parse_codec(spec))
+      preds, err = answer(b), fidelity(b, ref, ids, retrieved)
+    r = {"bytes_per_doc": b.size_bytes() / len(b), **read_latency(b, ids, rng), **err,
+         **metrics.aggregate(preds, golds),
+         "same_answers": float(np.mean([p == q for p, q in zip(preds, base_answers)]))}
+    out["codecs"][codec_label(b.codec)] = r
+    save()
+    dF1 = r["f1"] - out["codecs"]["fp32"]["f1"]
+    print(f"| {codec_label(b.codec)} | {r['bytes_per_doc'] / 1e6:.3f} | "
+          f"{fp32_bytes / r['bytes_per_doc']:.1f} | {r['rel_err_median']:.4f} / "
+          f"{r['rel_err_max']:.4f} | {r['sum_rel_err_median']:.4f} | "
           f"{r['read_k3_ms']:.1f} | {r['read_16x_k3_ms']:.1f} | {r['f1']:.1f} | "
-          f"{r['f1'] - fp32_f1:+.1f} | {100 * r['same_answers']:.0f}% |")
-  out = {"docs": len(docs), "questions": len(questions), "theta": theta_desc,
-         "speed": speed, "codecs": rows, "no_gradients": none,
-         "default_codec": codec_label(default.codec)}
-  (workdir / "bank_bench.json").write_text(json.dumps(out, indent=2))
+          f"{dF1:+.1f} | {100 * r['same_answers']:.0f}% |", flush=True)
   print(f"\nwritten {workdir / 'bank_bench.json'}")
 
 

@@ -17,12 +17,10 @@ import pathlib
 import numpy as np
 from tqdm import tqdm
 
-from regrad_jax import fingerprint
 from regrad_jax import prompts as prompts_lib
 from regrad_jax.adapt import online
 from regrad_jax.bank import bank as bank_lib
-from regrad_jax.bank import codecs
-from regrad_jax.bank import compute
+from regrad_jax.bank import pipeline
 from regrad_jax.meta import state as state_lib
 from regrad_jax.model import loaders
 from regrad_jax.model import sampling
@@ -36,29 +34,6 @@ class Result:
   answer: str
   doc_ids: tuple[str, ...]  # Retrieved documents, best first.
   scores: tuple[float, ...]  # Their retrieval scores.
-
-
-def meta_state_path(config, workdir) -> pathlib.Path:
-  """config.meta.init_from (e.g. a released state) or WORKDIR/meta_state."""
-  return pathlib.Path(config.meta.init_from or pathlib.Path(workdir) / "meta_state")
-
-
-def load_meta(config, workdir, params, tokenizer):
-  """(theta, alpha, LoraConfig) of the meta state for this model, checked."""
-  theta, alpha, info = state_lib.load(
-      meta_state_path(config, workdir),
-      expect_base=fingerprint.tree_fingerprint(params),
-      expect_tokenizer=tokenizer.fingerprint())
-  return theta, alpha, state_lib.lora_config_from_info(info)
-
-
-def make_computer(config, params, model_config, tokenizer, theta, lora_config):
-  """The bank's gradient computer at theta*, with the config's codec and lengths."""
-  return compute.GradientComputer(
-      params, theta, model_config=model_config, lora_config=lora_config,
-      tokenizer=tokenizer, codec=codecs.from_config(config.bank),
-      max_len=config.data.max_context_len, buckets=config.data.doc_buckets,
-      batch_size=config.bank.batch_size)
 
 
 class ReGrad:
@@ -91,8 +66,8 @@ class ReGrad:
     from regrad_jax import data  # The corpus is only needed for its texts.
     workdir = pathlib.Path(workdir)
     params, model_config, tokenizer = loaders.load_model(config.model)
-    theta, alpha, lcfg = load_meta(config, workdir, params, tokenizer)
-    computer = make_computer(config, params, model_config, tokenizer, theta, lcfg)
+    theta, alpha, lcfg = state_lib.load_for(config, workdir, params, tokenizer)
+    computer = pipeline.make_computer(config, params, model_config, tokenizer, theta, lcfg)
     bank = bank_lib.Bank.open_for(workdir / "bank", computer)
     retriever = retriever_lib.Retriever.load(workdir / "index")
     if documents is None:

@@ -46,6 +46,7 @@ vector of length m_v, M one layer's (m, r) matrix with m the long side):
 import dataclasses
 from typing import NamedTuple
 
+import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
@@ -218,9 +219,14 @@ class LowRank:
     mat = x.astype(jnp.float32)
     if transpose:
       mat = jnp.swapaxes(mat, -1, -2)
-    u, s, vh = jnp.linalg.svd(mat, full_matrices=False)
-    p = u[..., :k] * s[..., None, :k]  # (..., m, k)
-    q = jnp.swapaxes(vh[..., :k, :], -1, -2)  # (..., r, k)
+    # The top-k right singular vectors from the small (r, r) Gram matrix: XLA's
+    # CPU SVD of (m, r) matrices is ~50x slower, and P = M V_k is exact.
+    gram = jnp.einsum("...mi,...mj->...ij", mat, mat,
+                      precision=jax.lax.Precision.HIGHEST)
+    _, vecs = jnp.linalg.eigh(gram)  # Ascending eigenvalues.
+    q = vecs[..., ::-1][..., :k]  # (..., r, k) orthonormal columns.
+    p = jnp.einsum("...mi,...ik->...mk", mat, q,
+                   precision=jax.lax.Precision.HIGHEST)  # (..., m, k) = U_k S_k.
     pq, ps = _quantize(p, -2)
     qq, qs = _quantize(q, -2)
     return {"p": pq, "p_scale": ps, "q": qq, "q_scale": qs}

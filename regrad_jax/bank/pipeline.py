@@ -25,29 +25,23 @@ def bank_dir(workdir) -> pathlib.Path:
   return pathlib.Path(workdir) / "bank"
 
 
-def meta_state_dir(config, workdir) -> pathlib.Path:
-  """config.meta.init_from if set, else WORKDIR/meta_state."""
-  path = pathlib.Path(config.meta.init_from or pathlib.Path(workdir) / "meta_state")
-  if not (path.expanduser() / "info.json").exists():
-    raise FileNotFoundError(
-        f"no meta-learned state at {path}: run launch.meta_train with this workdir "
-        "first, or set config.meta.init_from")
-  return path.expanduser()
+def make_computer(config, params, model_cfg, tokenizer, theta, lora_config
+                  ) -> GradientComputer:
+  """The gradient computer at theta* with the config's codec, lengths and batch."""
+  return GradientComputer(
+      params, theta, model_config=model_cfg, lora_config=lora_config,
+      tokenizer=tokenizer, codec=codecs.from_config(config.bank),
+      max_len=config.data.max_context_len, buckets=config.data.doc_buckets,
+      batch_size=config.bank.batch_size)
 
 
 def build_from_config(config, workdir, *, progress: bool = True
                       ) -> tuple[Bank, BuildReport]:
   """Loads model, theta* and corpus, then builds (or resumes) WORKDIR/bank."""
   params, model_cfg, tokenizer = loaders.load_model(config.model)
-  theta, _, info = state_lib.load(
-      meta_state_dir(config, workdir), expect_base=loaders.base_fingerprint(params),
-      expect_tokenizer=tokenizer.fingerprint())
+  theta, _, lcfg = state_lib.load_for(config, workdir, params, tokenizer)
   docs = data_lib.load_corpus(config, config.eval.split)
-  computer = GradientComputer(
-      params, theta, model_config=model_cfg,
-      lora_config=state_lib.lora_config_from_info(info), tokenizer=tokenizer,
-      codec=codecs.from_config(config.bank), max_len=config.data.max_context_len,
-      buckets=config.data.doc_buckets, batch_size=config.bank.batch_size)
+  computer = make_computer(config, params, model_cfg, tokenizer, theta, lcfg)
   bank = Bank.open_for(bank_dir(workdir), computer,
                        rows_per_chunk=config.bank.rows_per_chunk)
   logging.info("bank %s: %d documents of the %s corpus, %d already present",

@@ -8,7 +8,7 @@
 2. The meta-learned state theta*, alpha (`ensure_meta_state`): config.meta.init_from
    if set, else WORKDIR/meta_state, else a meta-training run into WORKDIR (short
    for the tiny and quickstart configs). Its base-model and tokenizer fingerprints
-   must match the model (adapt.engine.load_meta checks them).
+   must match the model (meta.state.load_for checks them).
 3. The ReGrad engine over the knowledge base (`build_engine`): a Gradient Bank at
    theta* (WORKDIR/bank, resumable) and the retriever (WORKDIR/index).
 4. Each method of config.eval.methods takes in the knowledge base (CPT trains on
@@ -28,8 +28,8 @@ from absl import logging
 from tqdm import tqdm
 
 from regrad_jax import adapt
-from regrad_jax.adapt import engine as engine_lib
 from regrad_jax import bank as bank_lib
+from regrad_jax.bank import pipeline as bank_pipeline
 from regrad_jax import baselines
 from regrad_jax import data as data_lib
 from regrad_jax import parallel
@@ -37,6 +37,7 @@ from regrad_jax import retrieval
 from regrad_jax.eval import drift as drift_lib
 from regrad_jax.eval import metrics
 from regrad_jax.eval import report
+from regrad_jax.meta import state as meta_state
 from regrad_jax.model import loaders
 
 METHODS = ("direct", "rag", "cpt", "cpt_lora", "prag", "regrad", "regrad_icl")
@@ -90,17 +91,13 @@ def ensure_meta_state(config, workdir) -> pathlib.Path:
   `meta.trainer.train(config, workdir)` runs config.meta.num_steps steps and
   writes it.
   """
-  path = engine_lib.meta_state_path(config, workdir)
-  if (path / "info.json").exists():
-    return path
-  if config.meta.init_from:
-    raise FileNotFoundError(f"config.meta.init_from={path} holds no meta-learned "
-                            "state (missing info.json)")
+  if config.meta.init_from or (pathlib.Path(workdir) / "meta_state").exists():
+    return meta_state.state_dir(config, workdir)  # Raises if it holds no state.
   from regrad_jax.meta import trainer  # Only a run without a state pays for it.
   logging.info("No meta-learned state: meta-training %d steps into %s",
                config.meta.num_steps, workdir)
   trainer.train(config, workdir)
-  return path
+  return meta_state.state_dir(config, workdir)
 
 
 def build_engine(config, workdir, params, model_cfg, tokenizer, documents, *,
@@ -115,9 +112,9 @@ def build_engine(config, workdir, params, model_cfg, tokenizer, documents, *,
       retrieved, since the index holds only `documents`).
     index_dir: where to save the index (None: not saved).
   """
-  theta, alpha, lora_cfg = engine_lib.load_meta(config, workdir, params, tokenizer)
-  computer = engine_lib.make_computer(config, params, model_cfg, tokenizer, theta,
-                                      lora_cfg)
+  theta, alpha, lora_cfg = meta_state.load_for(config, workdir, params, tokenizer)
+  computer = bank_pipeline.make_computer(config, params, model_cfg, tokenizer, theta,
+                                         lora_cfg)
   bank = bank_lib.Bank.open_for(bank_dir, computer,
                                 rows_per_chunk=config.bank.rows_per_chunk)
   built = bank.build(documents, computer, progress=True)

@@ -62,3 +62,23 @@ def lora_config_from_info(info: dict) -> LoraConfig:
   c = info["lora"]
   return LoraConfig(rank=c["rank"], alpha=c["alpha"], start=c["start"],
                     stop=c["stop"], targets=tuple(c["targets"]))
+
+
+def state_dir(config, workdir) -> pathlib.Path:
+  """config.meta.init_from (e.g. a released state) if set, else WORKDIR/meta_state."""
+  path = pathlib.Path(config.meta.init_from or pathlib.Path(workdir) / "meta_state")
+  if not (path.expanduser() / "info.json").exists():
+    raise FileNotFoundError(
+        f"no meta-learned state at {path}: run launch.meta_train with this workdir "
+        "first, or set config.meta.init_from")
+  return path.expanduser()
+
+
+def load_for(config, workdir, params, tokenizer):
+  """(theta, alpha, LoraConfig) of the state for this model; refuses a state
+  meta-learned on other base weights or another tokenizer."""
+  from regrad_jax import fingerprint  # Hashing only when a model is checked.
+  theta, alpha, info = load(state_dir(config, workdir),
+                            expect_base=fingerprint.tree_fingerprint(params),
+                            expect_tokenizer=tokenizer.fingerprint())
+  return theta, alpha, lora_config_from_info(info)

@@ -1,0 +1,115 @@
+r"""Query-time costs: ScaNN vs brute force, and ReGrad's latency split vs RAG/closed-book.
+
+  python -m benchmarks.serving [--config=configs/smollm2_cpkc.py:ctx=96] [--vectors=100000]
+
+Part 1 (retrieval): ScaNN with the config's knobs vs exact search over N random unit
+vectors (d=384, MiniLM's width): queries/s and recall@10 (by distance, with a tolerance).
+Part 2 (answering, SmolLM2-135M with the released meta-state): a bank of cpkc test
+passages; per batch of Q=16 queries the time of retrieve / gather / adapt / generate for
+ReGrad, against RAG (passages in the prompt) and closed-book generation, and ReGrad's
+batched throughput against answering the same 16 queries one at a time.
+"""
+import tempfile
+import time
+
+import jax
+import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
+
+import regrad_jax
+from benchmarks import common
+from regrad_jax import data as data_lib, prompts
+from regrad_jax.adapt import online
+from regrad_jax.bank import bank as bank_lib, pipeline
+from regrad_jax.meta import objective, state
+from regrad_jax.model import decode, loaders, sampling
+from regrad_jax.retrieval import index as index_lib, retriever as retriever_lib
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/smollm2_cpkc.py:ctx=96")
+_VECTORS = flags.DEFINE_integer("vectors", 100_000, "Vectors in the retrieval part.")
+_DOCS = flags.DEFINE_integer("docs", 32, "Bank documents in the answering part.")
+
+
+def retrieval_part(config, n, d=384, q=1000):
+  rng = np.random.default_rng(0)
+  db = rng.standard_normal((n, d)).astype(np.float32)
+  db /= np.linalg.norm(db, axis=1, keepdims=True)
+  queries = db[rng.choice(n, q, replace=False)] + 0.1 * rng.standard_normal((q, d)).astype(np.float32)
+  ids = [str(i) for i in range(n)]
+  t0 = time.perf_counter()
+  scann = index_lib.ScannIndex.from_config(config.retrieval.scann)
+  scann.build(ids, None, db)
+  build_s = time.perf_counter() - t0
+  scann_s = common.median_time(lambda: scann.search(queries, 10), repeats=3)
+  exact_s = common.median_time(lambda: index_lib.exact_search(db, queries, 10), repeats=3)
+  _, got = scann.search(queries, 10)
+  _, want = index_lib.exact_search(db, queries, 10)
+  # Recall by distance: a hit scores at least the 10th exact score (minus a tolerance).
+  recall = float(np.mean(got >= want[:, -1:] - 1e-4))
+  print(f"retrieval, {n} vectors x {d}, {q} queries (ScaNN built in {build_s:.1f} s):")
+  print(f"  ScaNN {q / scann_s:9.0f} q/s   exact {q / exact_s:9.0f} q/s   "
+        f"ratio {exact_s / scann_s:.1f}x   recall@10 {recall:.3f}")
+
+
+def answering_part(config, n_docs):
+  params, mcfg, tok = loaders.load_model(config.model)
+  config.meta.init_from = str(regrad_jax.released("smollm2_135m_cpkc"))
+  theta, alpha, lcfg = state.load_for(config, None, params, tok)
+  docs, recs = data_lib.load_split(config, "test")
+  docs, questions = docs[:n_docs], [r.question for r in recs[:16]]
+  computer = pipeline.make_computer(config, params, mcfg, tok, theta, lcfg)
+  bank = bank_lib.Bank.open_for(tempfile.mkdtemp() + "/bank", computer)
+  bank.build(docs, computer)
+  config.retrieval.backend = "bm25"
+  retriever = retriever_lib.Retriever.build(config, docs)
+  texts = {d.id: d.text for d in docs}
+  k, Q, new = config.adapt.k, len(questions), config.adapt.max_new_tokens
+
+  ids, _ = retriever.search(questions, k)
+  sums = bank.gather_sum(ids)
+  tokens, mask = sampling.encode_prompts(tok, [prompts.qa_prompt(q, tok) for q in questions])
+  rag_t, rag_m = sampling.encode_prompts(
+      tok, [prompts.qa_prompt(q, tok, [texts[i] for i in row]) for q, row in zip(questions, ids)])
+  adapt = jax.jit(objective.batched_adapt)
+  lora = adapt(theta, alpha, sums, np.float32(1.0))
+  gen = lambda t, m, lo=None: decode.generate(params, t, m, config=mcfg, lora=lo,
+                                               lora_config=lcfg if lo is not None else None,
+                                               max_new_tokens=new)
+  times = {
+      "retrieve": common.median_time(lambda: retriever.search(questions, k)[1], repeats=3),
+      "gather": common.median_time(lambda: np.asarray(jax.tree.leaves(bank.gather_sum(ids))[0]),
+                                   repeats=3),
+      "adapt": common.median_time(lambda: adapt(theta, alpha, sums, np.float32(1.0)), repeats=3),
+      "generate": common.median_time(lambda: gen(tokens, mask, lora), repeats=3),
+  }
+  rag = common.median_time(lambda: gen(rag_t, rag_m), repeats=3)
+  closed = common.median_time(lambda: gen(tokens, mask), repeats=3)
+  overhead = times["retrieve"] + times["gather"] + times["adapt"]
+  print(f"answering, SmolLM2-135M, Q={Q} queries x k={k} of {n_docs} banked docs, "
+        f"{new} new tokens, prompts {tokens.shape[1]} (RAG {rag_t.shape[1]}) tokens:")
+  for name, s in times.items():
+    print(f"  ReGrad {name:9s} {s * 1e3:9.1f} ms/batch  {s / Q * 1e3:8.1f} ms/query")
+  print(f"  retrieve+gather+adapt = {overhead / times['generate']:.1%} of generation")
+  print(f"  RAG generate     {rag * 1e3:9.1f} ms/batch   closed-book {closed * 1e3:9.1f} ms/batch")
+
+  one = lambda i: online.generate_adapted(
+      params, theta, alpha, jax.tree.map(lambda x: x[i:i + 1], sums), tokens[i:i + 1],
+      mask[i:i + 1], np.float32(1.0), config=mcfg, lora_config=lcfg, max_new_tokens=new)
+  batched = common.median_time(lambda: online.generate_adapted(
+      params, theta, alpha, sums, tokens, mask, np.float32(1.0), config=mcfg,
+      lora_config=lcfg, max_new_tokens=new), repeats=3)
+  single = common.median_time(lambda: [one(i) for i in range(Q)], repeats=1)
+  print(f"  batched adapt+generate {Q / batched:.2f} q/s vs one-at-a-time {Q / single:.2f} q/s: "
+        f"{single / batched:.1f}x")
+
+
+def main(argv):
+  del argv
+  config = _CONFIG.value
+  retrieval_part(config, _VECTORS.value)
+  answering_part(config, _DOCS.value)
+
+
+if __name__ == "__main__":
+  app.run(main)
