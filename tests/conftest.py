@@ -17,7 +17,7 @@ def shared_data() -> pathlib.Path | None:
   return path if path.exists() else None
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def shared_data_dir():
   path = shared_data()
   if path is None:

@@ -7,6 +7,7 @@ from configs import tiny
 from regrad_jax import baselines
 from regrad_jax import data as data_lib
 from regrad_jax import retrieval
+from regrad_jax.baselines import common
 from regrad_jax.baselines import prag as prag_lib
 from regrad_jax.eval import drift, metrics
 from regrad_jax.model import loaders, lora as lora_lib
@@ -82,9 +83,11 @@ def test_rag_retrieves_and_indexes_only_new_documents(setup):
   assert len(preds) == len(records)
   assert [len(row) for row in method.last_doc_ids] == [2] * len(records)
   assert all(i in method.text for row in method.last_doc_ids for i in row)
-  # Prompts carry the passages (cut to max_context_len tokens).
+  # Prompts carry the passages, cut to max_context_len tokens.
   ids = baselines.qa_prompt_ids(tok, ["Q?"], [["alpha beta"]])
   assert b"alpha beta" in bytes(x for x in ids[0] if x < 256)
+  assert common.truncate_text(tok, "alpha beta", 5) == "alpha"
+  assert common.truncate_text(tok, "alpha", 5) == "alpha"
   assert method.generic_params() is params
 
 

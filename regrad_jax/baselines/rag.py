@@ -1,8 +1,8 @@
 """RAG: the top-K retrieved passages go into the prompt; the weights never change.
 
-Uses the same retriever as ReGrad (same index, same K) and the same prompt as
-ReGrad + ICL (prompts.qa_prompt with the whole passages, padded alike), so RAG
-and ReGrad + ICL differ only by ReGrad's gradient step, and RAG and ReGrad only by
+Uses the same retriever as ReGrad (same index, same K) and prompts.qa_prompt with
+the retrieved passages, each cut to config.data.max_context_len tokens (the text
+a banked gradient sees; common.truncate_text), so RAG and ReGrad differ only in
 how a retrieved document reaches the model: as prompt text or as a step.
 """
 from typing import Sequence
@@ -19,7 +19,8 @@ class RAG:
       `add(documents)`; `ids`), possibly shared with the ReGrad engine.
     documents: the documents already in the retriever (their text is needed
       to build prompts); more arrive through `inject`.
-    config: reads adapt.k, adapt.batch_size, adapt.max_new_tokens.
+    config: reads adapt.k, adapt.batch_size, adapt.max_new_tokens,
+      data.max_context_len.
   """
   name = "rag"
 
@@ -30,6 +31,7 @@ class RAG:
     self.k = int(config.adapt.k if k is None else k)
     self.batch_size = int(config.adapt.batch_size)
     self.max_new_tokens = int(config.adapt.max_new_tokens)
+    self.max_context_len = int(config.data.max_context_len)
     self.text = {d.id: d.text for d in documents}
     self.last_doc_ids: list[list[str]] = []
 
@@ -52,7 +54,8 @@ class RAG:
 
   def answer(self, questions: Sequence[str]) -> list[str]:
     self.last_doc_ids = self.retrieve(questions)
-    passages = [[self.text[i] for i in row] for row in self.last_doc_ids]
+    passages = [[common.truncate_text(self.tokenizer, self.text[i], self.max_context_len)
+                 for i in row] for row in self.last_doc_ids]
     ids = common.qa_prompt_ids(self.tokenizer, questions, passages)
     return common.generate_answers(
         self.params, ids, self.tokenizer, config=self.model_cfg,
