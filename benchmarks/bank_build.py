@@ -5,7 +5,7 @@ r"""Gradient Bank on SmolLM2-135M: build speed, bytes, read latency, codec fidel
 
 In one run, on the first --docs passages of the dev split:
 1. Documents/s of the full build path (Bank.build: tokenise, bucket, sharded
-   vmapped value_and_grad, encode, TensorStore writes, commit markers, manifest)
+   per-document value_and_grad, encode, TensorStore writes, markers, manifest)
    against two bare loops over the same documents and buckets, without storage:
    a jitted per-document value_and_grad (one document per call) and the bank's
    own jitted step called batch after batch. Compilation is excluded everywhere;

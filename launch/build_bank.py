@@ -24,7 +24,11 @@ def main(argv):
     print(f"bank {bank.path}: {len(bank)} documents ({report.computed} computed now, "
           f"{report.docs_per_s:.2f} docs/s, {report.truncated} truncated, "
           f"{len(report.refused)} refused), codec {bank.codec.to_dict()}, "
-          f"{size / 1e6:.1f} MB on disk ({size / max(len(bank), 1) / 1e6:.3f} MB/doc)")
+          f"{_mb(size)} on disk ({_mb(size / max(bank.num_rows, 1))} per row)")
+
+
+def _mb(n: float) -> str:
+  return f"{n / 1e6:.1f} MB" if n >= 1e6 else f"{n / 1e3:.1f} kB"
 
 
 if __name__ == "__main__":

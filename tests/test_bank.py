@@ -402,7 +402,7 @@ def test_sigkilled_build_resumes_exactly(tmp_path, setup, computer1):
        "--batch_size", "2", "--sleep", "0.5"],
       stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO)
   try:
-    deadline = time.time() + 120
+    deadline = time.time() + 400  # Generous: the worker compiles on a busy machine.
     markers = []
     while time.time() < deadline and proc.poll() is None:
       markers = list((path / "commits").glob("*.json")) if path.exists() else []

@@ -28,7 +28,7 @@ def test_two_processes_build_the_same_bank_as_one(tmp_path):
   outs = []
   for p in procs:
     try:
-      out, err = p.communicate(timeout=240)
+      out, err = p.communicate(timeout=500)
     except subprocess.TimeoutExpired:
       for q in procs:
         q.kill()

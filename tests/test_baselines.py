@@ -129,3 +129,37 @@ def test_prag_trains_adapters_of_retrieved_documents(setup):
     assert after < before, (before, after)
   _assert_same(params, base)
   assert method.generic_params() is params
+
+
+class _StubEngine:
+  """Records what a ReGradMethod sends the engine (the engine has its own tests)."""
+
+  def __init__(self, tok, known):
+    self.tokenizer, self.bank, self.texts, self.injected = tok, set(known), {}, []
+    self.params = {"w": np.zeros(2)}
+
+  def inject(self, documents):
+    self.injected += [d.id for d in documents]
+    self.bank |= {d.id for d in documents}
+    self.texts.update({d.id: d.text for d in documents})
+
+  def answer(self, questions, k, mode):
+    return [type("R", (), {"answer": f" {mode}{k} ", "doc_ids": ("a",)})()
+            for _ in questions]
+
+
+def test_regrad_view_injects_once_and_cuts_icl_passages(setup):
+  _, _, _, tok, docs, _ = setup
+  engine = _StubEngine(tok, known=[docs[0].id])
+  blind = baselines.ReGradMethod(engine, mode="blind", k=2, max_context_len=10)
+  icl = baselines.ReGradMethod(engine, mode="icl", k=2, max_context_len=10)
+  blind.inject(docs)
+  icl.inject(docs)  # Shared engine: nothing left to compute.
+  assert engine.injected == [d.id for d in docs[1:]]
+  assert all(len(tok.encode(engine.texts[d.id])) == 10 for d in docs[1:])
+  assert icl.answer(["q1", "q2"]) == ["icl2", "icl2"]
+  assert blind.name == "regrad" and icl.name == "regrad_icl"
+  assert icl.last_doc_ids == [["a"], ["a"]]
+  assert blind.generic_params() is engine.params
+  with pytest.raises(ValueError, match="mode"):
+    baselines.ReGradMethod(engine, mode="nope")

@@ -1,7 +1,7 @@
 """The Gradient Bank: per-document LoRA gradients at theta*, stored with TensorStore.
 
   computer = bank.GradientComputer(params, theta, model_config=..., lora_config=...,
-                                   tokenizer=..., codec=bank.codecs.make("int8"),
+                                   tokenizer=..., codec=bank.codecs.make("qzstd"),
                                    max_len=128, buckets=(32, 64, 128))
   b = bank.Bank.open_for(path, computer)      # creates it when absent
   b.build(docs, computer, progress=True)      # resumable; appends new ids

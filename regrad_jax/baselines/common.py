@@ -61,6 +61,11 @@ def truncate_text(tokenizer, text: str, max_tokens: int) -> str:
   return text if len(ids) <= max_tokens else tokenizer.decode(ids[:max_tokens])
 
 
+def prompt_texts(tokenizer, documents, max_tokens: int) -> dict[str, str]:
+  """id -> the document's text as placed in prompts (`truncate_text`)."""
+  return {d.id: truncate_text(tokenizer, d.text, max_tokens) for d in documents}
+
+
 def generate_answers(params: dict, prompt_ids: Sequence[Sequence[int]], tokenizer, *,
                      config: ModelConfig, batch_size: int, max_new_tokens: int,
                      buckets=sampling.PROMPT_BUCKETS, lora: dict | None = None,

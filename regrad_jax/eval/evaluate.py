@@ -123,8 +123,11 @@ def build_engine(config, workdir, params, model_cfg, tokenizer, documents, *,
   if index_dir is not None:
     retriever.save(index_dir)
   a = config.adapt
+  # ICL prompts show each passage cut like RAG's (baselines/regrad.py).
+  texts = baselines.common.prompt_texts(tokenizer, documents,
+                                        config.data.max_context_len)
   return adapt.ReGrad(params, model_cfg, tokenizer, theta, alpha, lora_cfg, bank,
-                      retriever, {d.id: d.text for d in documents}, computer,
+                      retriever, texts, computer,
                       gamma=a.gamma, k=a.k, mode=a.mode,
                       max_new_tokens=a.max_new_tokens, batch_size=a.batch_size)
 
@@ -146,7 +149,8 @@ def make_method(name: str, *, config, params, model_cfg, tokenizer, engine=None,
                           config)
   if name in ("regrad", "regrad_icl"):
     return baselines.ReGradMethod(engine, mode="blind" if name == "regrad" else "icl",
-                                  k=config.adapt.k)
+                                  k=config.adapt.k,
+                                  max_context_len=config.data.max_context_len)
   raise ValueError(f"unknown method {name!r}; choose from {METHODS}")
 
 

