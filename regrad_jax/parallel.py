@@ -100,6 +100,21 @@ def data_sharded(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P(DATA))
 
 
+def global_array(tree, sharding: NamedSharding):
+  """Host values, identical on every process -> global jax.Arrays on `sharding`.
+
+  Each process copies only the slices its own devices hold, so nothing is sent
+  between hosts (single-process: the same as jax.device_put).
+  """
+  return jax.tree.map(lambda v: jax.make_array_from_callback(
+      np.shape(v), sharding, lambda idx: np.asarray(v)[idx]), tree)
+
+
+def to_host(x: jax.Array) -> np.ndarray:
+  """A replicated (possibly multi-process) array -> NumPy, from a local copy."""
+  return np.asarray(x if x.is_fully_addressable else x.addressable_data(0))
+
+
 def shard_params(params, mesh: Mesh):
   """Places params on the mesh by the rules (a new tree; the input is untouched)."""
   return jax.device_put(params, param_shardings(params, mesh))

@@ -143,8 +143,15 @@ def _tiny_config(steps):
   return c
 
 
-def test_resume_equals_uninterrupted(tmp_path):
-  straight = trainer.train(_tiny_config(4), tmp_path / "a")["meta"]
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+  """(workdir, meta) of an uninterrupted 4-step tiny run."""
+  workdir = tmp_path_factory.mktemp("straight")
+  return workdir, trainer.train(_tiny_config(4), workdir)["meta"]
+
+
+def test_resume_equals_uninterrupted(tmp_path, trained):
+  straight = trained[1]
   trainer.train(_tiny_config(4), tmp_path / "b", stop_after=2)
   resumed = trainer.train(_tiny_config(4), tmp_path / "b")["meta"]
   for a, b in zip(jax.tree.leaves(straight), jax.tree.leaves(resumed)):
@@ -152,3 +159,28 @@ def test_resume_equals_uninterrupted(tmp_path):
   theta, _, info = state.load(tmp_path / "b" / "meta_state")
   assert info["step"] == 4 and info["base_fingerprint"]
   np.testing.assert_array_equal(theta["up"]["b"], np.asarray(resumed["theta"]["up"]["b"]))
+
+
+def test_ablation_conditions(trained):
+  """The ablation's closed-book row is the base model exactly; the gradient moves
+  the meta-learned state's answers; ICL tasks put the passages in the prompt."""
+  from regrad_jax import data as data_lib
+  from regrad_jax.meta import ablation
+  from regrad_jax.model import losses, loaders
+  config, workdir = _tiny_config(4), trained[0]
+  rows = ablation.run(config, workdir, num=4, raw_steps=(0.5,))
+  assert list(rows) == ["closed_book", "raw_grad:0.5", "theta_only", "regrad", "rag",
+                        "regrad_icl"]
+  assert all(r["n"] == 4 and np.isfinite(r["loss"]) for r in rows.values())
+  params, cfg, tok = loaders.load_model(config.model)
+  docs, recs = data_lib.load_split(config, "dev")
+  tasks = tasks_lib.build_tasks(recs[:4], docs, tok, k=config.meta.k, mode="blind",
+                                max_context_len=config.data.max_context_len)
+  b = tasks_lib.collate(tasks, doc_buckets=config.data.doc_buckets,
+                        qa_buckets=config.data.qa_buckets, pad_id=tok.pad_id)
+  base = losses.answer_loss(params, None, b["qa_tokens"], b["qa_mask"],
+                            b["target_mask"], config=cfg)
+  np.testing.assert_allclose(rows["closed_book"]["loss"], float(np.mean(base)), rtol=1e-5)
+  assert rows["regrad"]["loss"] != rows["theta_only"]["loss"]
+  assert rows["raw_grad:0.5"]["loss"] != rows["closed_book"]["loss"]
+  assert rows["rag"]["loss"] != rows["closed_book"]["loss"]

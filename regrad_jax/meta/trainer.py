@@ -104,10 +104,18 @@ def adapted_answers(params, meta, doc_tokens, doc_mask, prompt_tokens, prompt_ma
                                max_new_tokens=max_new_tokens)
 
 
+@functools.partial(jax.jit, static_argnames=("config", "lora_config"))
+def task_losses(params, meta, batch, *, config, lora_config):
+  """(T,) answer losses L_QA(theta - alpha * g) of a collated batch of T tasks."""
+  return jax.lax.map(lambda task: objective.task_loss(
+      meta, params, task, config=config, lora_config=lora_config), batch)
+
+
 def evaluate(params, meta, tasks, tokenizer, *, config, lora_config, data_cfg,
              batch_size=8, max_new_tokens=20) -> dict:
-  """EM/F1 (percent) of greedy answers after the task's inner update."""
-  preds, golds = [], []
+  """EM/F1 (percent) of greedy answers after the task's inner update, and the
+  mean answer loss (nats/token): a finer signal than F1 while answers are wrong."""
+  preds, golds, task_loss = [], [], []
   for i in range(0, len(tasks), batch_size):
     chunk = tasks[i:i + batch_size]
     chunk = chunk + [chunk[-1]] * (batch_size - len(chunk))  # One batch shape.
@@ -122,7 +130,9 @@ def evaluate(params, meta, tasks, tokenizer, *, config, lora_config, data_cfg,
     n = min(batch_size, len(tasks) - i)
     preds += [tokenizer.decode(row).strip() for row in out[:n]]
     golds += [t.answers for t in chunk[:n]]
-  return metrics.aggregate(preds, golds)
+    task_loss += list(np.asarray(task_losses(
+        params, meta, b, config=config, lora_config=lora_config))[:n])
+  return {**metrics.aggregate(preds, golds), "loss": float(np.mean(task_loss))}
 
 
 def _check_finite(step: int, m: dict) -> None:
@@ -140,7 +150,7 @@ def train(config, workdir, stop_after: int | None = None) -> dict:
   slice); the next call resumes from the checkpoint. None = run to the end.
 
   Writes workdir/checkpoints (orbax, resumable), workdir/meta_state (the best
-  dev-F1 state, or the last one without evaluation) and workdir/metrics.jsonl.
+  dev state: F1, then loss; the last one without evaluation) and workdir/metrics.jsonl.
   """
   workdir = pathlib.Path(workdir).absolute()
   mc, dc = config.meta, config.data
@@ -177,7 +187,8 @@ def train(config, workdir, stop_after: int | None = None) -> dict:
                       alpha_mode=mc.alpha_mode, first_order=mc.first_order,
                       remat=mc.remat)
   replicated = parallel.replicated(mesh)
-  params = jax.device_put(params, replicated)
+  base_fingerprint = fingerprint.tree_fingerprint(params)  # Of the host copy.
+  params = parallel.global_array(params, replicated)
 
   manager = ocp.CheckpointManager(
       workdir / "checkpoints",
@@ -189,22 +200,24 @@ def train(config, workdir, stop_after: int | None = None) -> dict:
         {"meta": meta, "opt_state": opt_state}))
     meta, opt_state = restored["meta"], restored["opt_state"]
     logging.info("resumed from step %d", start)
-  meta, opt_state = jax.device_put((meta, opt_state), replicated)
+  meta, opt_state = parallel.global_array((meta, opt_state), replicated)
 
   info = {
       "lora": {"rank": lcfg.rank, "alpha": lcfg.alpha, "start": lcfg.start,
                "stop": lcfg.stop, "targets": list(lcfg.targets)},
       "alpha_mode": mc.alpha_mode, "mode": mc.mode,
       "first_order": bool(mc.first_order),
-      "base_fingerprint": fingerprint.tree_fingerprint(params),
+      "base_fingerprint": base_fingerprint,
       "tokenizer_fingerprint": tokenizer.fingerprint(),
       "config": json.loads(config.to_json_best_effort()),
   }
   eval_kw = dict(config=model_cfg, lora_config=lcfg, data_cfg=dc)
-  best_f1 = -1.0  # Every process reads it, so all agree on when to save.
+  # Best = highest dev F1, ties (e.g. all 0 early on) broken by lower dev loss.
+  # Every process reads the same file, so all agree on when to save.
+  best = (-1.0, -np.inf)
   if (workdir / "meta_state" / "info.json").exists():
-    best_f1 = json.loads((workdir / "meta_state" / "info.json").read_text()).get(
-        "dev", {}).get("f1", -1.0)
+    dev = json.loads((workdir / "meta_state" / "info.json").read_text()).get("dev", {})
+    best = (dev.get("f1", -1.0), -dev.get("loss", np.inf))
   log = open(workdir / "metrics.jsonl", "a") if parallel.is_chief() else None
   bar = tqdm(range(start, mc.num_steps), initial=start, total=mc.num_steps,
              desc="meta-train", disable=not parallel.is_chief())
@@ -217,13 +230,14 @@ def train(config, workdir, stop_after: int | None = None) -> dict:
     idx = batch_indices(config.seed, step, mc.batch_size, len(train_tasks))
     batch = tasks_lib.collate([train_tasks[i] for i in idx], doc_buckets=dc.doc_buckets,
                               qa_buckets=dc.qa_buckets, pad_id=tokenizer.pad_id)
-    batch = jax.device_put(batch, parallel.data_sharded(mesh))
+    batch = parallel.global_array(batch, parallel.data_sharded(mesh))
     t0 = time.perf_counter()
     meta, opt_state, m = step_fn(meta, opt_state, params, batch)
-    m = {k: float(v) for k, v in m.items()}
+    m = {k: float(parallel.to_host(v)) for k, v in m.items()}
     m["step_time"] = time.perf_counter() - t0
     _check_finite(step + 1, m)
-    alphas = np.concatenate([np.ravel(a) for a in jax.tree.leaves(meta["alpha"])])
+    alphas = np.concatenate([np.ravel(parallel.to_host(a))
+                             for a in jax.tree.leaves(meta["alpha"])])
     m.update(step=step + 1, alpha_mean=float(alphas.mean()),
              alpha_min=float(alphas.min()), alpha_max=float(alphas.max()))
     bar.set_postfix(loss=f"{m['loss']:.3f}", gnorm=f"{m['grad_norm']:.2f}",
@@ -231,8 +245,9 @@ def train(config, workdir, stop_after: int | None = None) -> dict:
     if dev_tasks and ((step + 1) % mc.eval_every == 0 or step + 1 == mc.num_steps):
       m["dev"] = evaluate(params, meta, dev_tasks, tokenizer, **eval_kw)
       logging.info("step %d dev %s", step + 1, m["dev"])
-      if m["dev"]["f1"] > best_f1:  # orbax saves are collective: all processes.
-        best_f1 = m["dev"]["f1"]
+      score = (m["dev"]["f1"], -m["dev"]["loss"])
+      if score > best:  # orbax saves are collective: all processes.
+        best = score
         state_lib.save(workdir / "meta_state", meta["theta"], meta["alpha"],
                        {**info, "step": step + 1, "dev": m["dev"]})
     if log:
@@ -246,4 +261,4 @@ def train(config, workdir, stop_after: int | None = None) -> dict:
   if not dev_tasks:
     state_lib.save(workdir / "meta_state", meta["theta"], meta["alpha"],
                    {**info, "step": mc.num_steps})
-  return {"last": last, "best_dev_f1": best_f1, "meta": meta}
+  return {"last": last, "best_dev_f1": best[0], "meta": meta}

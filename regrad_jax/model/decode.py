@@ -49,8 +49,7 @@ def generate(params: dict, tokens: jax.Array, mask: jax.Array, *,
   n_real = jnp.sum(mask, axis=1, dtype=jnp.int32)
   key_mask = jnp.concatenate([mask, jnp.ones((B, max_new_tokens), bool)], axis=1)
   if lora is not None:  # Pad once here, not at every decode step.
-    lora, lora_config = lora_lib.expand_to_all_layers(lora, lora_config,
-                                                      config.n_layers)
+    lora, lora_config = lora_lib.pad_to_top(lora, lora_config, config.n_layers)
   fwd = functools.partial(transformer.apply, params, config=config,
                           lora=lora, lora_config=lora_config, mask=key_mask)
   logits, cache = fwd(tokens, positions=transformer.positions_from_mask(mask),

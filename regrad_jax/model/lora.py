@@ -98,23 +98,23 @@ def num_params(lora: dict) -> int:
   return sum(int(x.size) for x in jax.tree.leaves(lora))
 
 
-def expand_to_all_layers(lora: dict, lcfg: LoraConfig, n_layers: int
-                         ) -> tuple[dict, LoraConfig]:
-  """Zero-pads a LoRA tree from its n adapted layers to all L decoder layers.
+def pad_to_top(lora: dict, lcfg: LoraConfig, n_layers: int
+               ) -> tuple[dict, LoraConfig]:
+  """Zero-pads a LoRA tree from its adapted layers [start, stop) up to the top layer.
 
-  The decoder scans one body over all layers; layers outside [start, stop) get a
-  zero adapter, which contributes exactly 0 (rank-r extra matmuls: a few percent of
-  the FFN cost, in exchange for a single compiled layer body). Works for plain
-  (n, d_in, r) and batched (n, Q, d_in, r) leaves. Returns the padded tree and the
-  config that describes it ([0, L)); a tree that already spans [0, L) is returned
-  as is, so callers may expand once outside a decode loop.
+  The decoder runs layers [0, start) in a LoRA-free scan (their output does not
+  depend on LoRA, so gradients never backpropagate through them) and [start, L) in
+  one scan with one compiled body; layers at or above `stop` get a zero adapter,
+  which contributes exactly 0 (rank-r extra matmuls). Works for plain (n, d_in, r)
+  and batched (n, Q, d_in, r) leaves. Returns the padded tree and the config that
+  describes it ([start, L)); a tree that already reaches the top is returned as is,
+  so callers may pad once outside a decode loop.
   """
-  before, after = lcfg.start, n_layers - lcfg.stop
-  full = dataclasses.replace(lcfg, start=0, stop=n_layers)
-  if before == after == 0:
-    return lora, full
-  pad = lambda x: jnp.pad(x, [(before, after)] + [(0, 0)] * (x.ndim - 1))
-  return jax.tree.map(pad, lora), full
+  after = n_layers - lcfg.stop
+  if after == 0:
+    return lora, lcfg
+  pad = lambda x: jnp.pad(x, [(0, after)] + [(0, 0)] * (x.ndim - 1))
+  return jax.tree.map(pad, lora), dataclasses.replace(lcfg, stop=n_layers)
 
 
 def merge_into_base(params: dict, lora: dict, lcfg: LoraConfig) -> dict:
