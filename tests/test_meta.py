@@ -168,13 +168,14 @@ def test_ablation_conditions(trained):
   from regrad_jax.meta import ablation
   from regrad_jax.model import losses, loaders
   config, workdir = _tiny_config(4), trained[0]
+  config.meta.num_eval = 2  # Held out: dev records 2-5.
   rows = ablation.run(config, workdir, num=4, raw_steps=(0.5,))
   assert list(rows) == ["closed_book", "raw_grad:0.5", "theta_only", "regrad", "rag",
                         "regrad_icl"]
   assert all(r["n"] == 4 and np.isfinite(r["loss"]) for r in rows.values())
   params, cfg, tok = loaders.load_model(config.model)
   docs, recs = data_lib.load_split(config, "dev")
-  tasks = tasks_lib.build_tasks(recs[:4], docs, tok, k=config.meta.k, mode="blind",
+  tasks = tasks_lib.build_tasks(recs[2:6], docs, tok, k=config.meta.k, mode="blind",
                                 max_context_len=config.data.max_context_len)
   b = tasks_lib.collate(tasks, doc_buckets=config.data.doc_buckets,
                         qa_buckets=config.data.qa_buckets, pad_id=tok.pad_id)

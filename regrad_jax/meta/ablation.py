@@ -1,7 +1,9 @@
 """Does meta-learning make a document's gradient useful? The reference's ablation.
 
 On dev tasks with their own gold passage(s) (as in meta-training: the gold passage
-plus k-1 BM25 neighbours), every condition answers after the inner update
+plus k-1 BM25 neighbours), held out from the dev questions the trainer picked its
+best state on (the first config.meta.num_eval), every condition answers after the
+inner update
 theta' = theta - alpha (.) sum_c g_c(theta):
 
   closed_book   base model: a fresh LoRA (B = 0, an exact no-op) and alpha = 0.
@@ -33,8 +35,9 @@ TITLES = {"closed_book": "closed-book (base model)", "theta_only": "theta* alone
           "regrad_icl": "ReGrad + ICL: theta*, alpha, gradient + passage in the prompt"}
 
 
-def run(config, workdir, *, num: int = 200, raw_steps=(1e-3, 1e-2, 1e-1)) -> dict:
-  """Evaluates every condition on the first `num` dev records.
+def run(config, workdir, *, num: int = 200, raw_steps=(1e-2, 1e-1)) -> dict:
+  """Evaluates every condition on `num` dev records after the first
+  config.meta.num_eval (those selected the state; 0 to start at the first).
 
   The meta-learned state comes from config.meta.init_from or WORKDIR/meta_state.
   Returns {condition: {"em", "f1", "loss", "n"}}, in the order of the table.
@@ -46,8 +49,9 @@ def run(config, workdir, *, num: int = 200, raw_steps=(1e-3, 1e-2, 1e-1)) -> dic
   docs, recs = data_lib.load_split(config, "dev")
   kw = dict(k=config.meta.k, max_context_len=config.data.max_context_len,
             seed=config.seed)
-  blind = tasks_lib.build_tasks(recs[:num], docs, tokenizer, mode="blind", **kw)
-  icl = tasks_lib.build_tasks(recs[:num], docs, tokenizer, mode="icl", **kw)
+  recs = recs[config.meta.num_eval:config.meta.num_eval + num]
+  blind = tasks_lib.build_tasks(recs, docs, tokenizer, mode="blind", **kw)
+  icl = tasks_lib.build_tasks(recs, docs, tokenizer, mode="icl", **kw)
 
   conditions = [("closed_book", fresh, zero, blind)]
   conditions += [(f"raw_grad:{s:g}", fresh, np.float32(s), blind) for s in raw_steps]

@@ -124,13 +124,13 @@ def evaluate(params, meta, tasks, tokenizer, *, config, lora_config, data_cfg,
     plen = batching.bucket(max(t.n_prompt for t in chunk), data_cfg.qa_buckets)
     prompt, pmask = batching.pad([t.qa_ids[:t.n_prompt] for t in chunk], plen,
                                  tokenizer.pad_id, left=True)
-    out = np.asarray(adapted_answers(
+    out = parallel.to_host(adapted_answers(
         params, meta, b["doc_tokens"], b["doc_mask"], prompt, pmask, config=config,
         lora_config=lora_config, max_new_tokens=max_new_tokens))
     n = min(batch_size, len(tasks) - i)
     preds += [tokenizer.decode(row).strip() for row in out[:n]]
     golds += [t.answers for t in chunk[:n]]
-    task_loss += list(np.asarray(task_losses(
+    task_loss += list(parallel.to_host(task_losses(
         params, meta, b, config=config, lora_config=lora_config))[:n])
   return {**metrics.aggregate(preds, golds), "loss": float(np.mean(task_loss))}
 
