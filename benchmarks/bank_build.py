@@ -15,7 +15,7 @@ In one run, on the first --docs passages of the dev split:
    the relative error of each document's gradient and of the K=3 sums the
    adaptation uses, and the latency of reading K=3 rows (one query, and 16
    queries in one batched read).
-3. The dev QA F1 of ReGrad (BM25 top-3 over the banked documents, theta_q =
+3. The dev QA F1 of ReGrad (BM25 top config.adapt.k over the banked documents, theta_q =
    theta* - gamma alpha (.) sum_k g_k, greedy) with each codec against fp32, and
    the share of answers identical to fp32's. Without --meta_state theta* is a
    stand-in (PEFT init with a small random B, alpha at config.meta.alpha_init):
@@ -241,7 +241,8 @@ def main(argv):
 
   index = bm25.BM25Index()
   index.build([d.id for d in docs], [d.text for d in docs])
-  retrieved, _ = index.search([q.question for q in questions], _K)
+  k = config.adapt.k  # Documents per question (the reads above use K=3).
+  retrieved, _ = index.search([q.question for q in questions], k)
   ids = [d.id for d in docs]
   ref = banks["fp32"]
   fp32_bytes = ref.size_bytes() / len(ref)
@@ -258,7 +259,7 @@ def main(argv):
                                 theta, alpha, model_cfg, lcfg, tokenizer, config)
   golds = [q.answers for q in questions]
   out["no_gradients"] = metrics.aggregate(answer(None), golds)
-  print(f"\n{len(questions)} dev questions, BM25 top-{_K}; theta* alone (no "
+  print(f"\n{len(questions)} dev questions, BM25 top-{k}; theta* alone (no "
         f"gradients): F1 {out['no_gradients']['f1']:.1f}\n")
   print("| codec | MB/doc | x smaller | rel err (median / max) | K=3 sum rel err | "
         "read K=3 ms | 16 queries ms | F1 | dF1 vs fp32 | same answers |")

@@ -20,6 +20,7 @@ def main(argv):
   del argv
   rows = ablation.run(_CONFIG.value, _WORKDIR.value, num=_NUM.value)
   path = pathlib.Path(_WORKDIR.value) / "ablation.json"
+  path.parent.mkdir(parents=True, exist_ok=True)
   path.write_text(json.dumps(rows, indent=2))
   print(ablation.table(rows))
 

@@ -8,7 +8,8 @@ questions whose passages sit in a knowledge base with 100 Wikipedia distractors:
 it loads the released meta-learned state (regrad_jax/released; with
 --config.meta.init_from="" it meta-learns briefly instead: 30 steps, K=1), builds the Gradient
 Bank and the index, and evaluates Direct, RAG, CPT (full weights, 1 epoch),
-ReGrad and ReGrad + ICL with their drift. Results: WORKDIR/results.json and the
+ReGrad and ReGrad + ICL with their drift. RAG and ReGrad read the top K=1
+document (the released state was meta-learned with one passage per question). Results: WORKDIR/results.json and the
 table printed at the end. Any field can be overridden, e.g.
 --config.eval.num_questions=16 or --config.meta.init_from=PATH.
 """
@@ -30,6 +31,8 @@ def quickstart_config():
   c.meta.eval_every = 0  # No periodic dev evaluation: the final state is kept.
   c.meta.checkpoint_every = 10
   c.data.num_distractors = 100
+  c.adapt.k = c.meta.k  # The state learned to absorb K=1 passage per question;
+  # RAG gets the same retriever and K (ReGrad + ICL: that passage in the prompt too).
   c.eval.split = "test"  # Dev questions chose the released state.
   c.eval.num_questions = 48
   c.eval.methods = ("direct", "rag", "cpt", "regrad", "regrad_icl")
