@@ -35,6 +35,19 @@ def qa_prompt(question: str, tokenizer, passages: list[str] | None = None) -> st
   return f"{context}Question: {question}\nAnswer:"
 
 
+def truncate_text(tokenizer, text: str, max_tokens: int) -> str:
+  """`text` cut to its first `max_tokens` tokens (unchanged if shorter).
+
+  Passages placed in a prompt are cut to config.data.max_context_len tokens, the
+  length the Gradient Bank sees of each document: a retrieved passage gives RAG
+  no more text than it gives ReGrad, and three passages keep a prompt within a
+  few hundred tokens (whole cpkc passages reach 1,000+ tokens a prompt, which
+  makes prefill and the KV cache several times costlier on a CPU).
+  """
+  ids = tokenizer.encode(text)
+  return text if len(ids) <= max_tokens else tokenizer.decode(ids[:max_tokens])
+
+
 def answer_text(answer: str, tokenizer) -> str:
   """The target continuation the QA loss is taken on."""
   return answer if getattr(tokenizer, "chat_template", None) else " " + answer

@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from regrad_jax import batching
 from regrad_jax import prompts
+from regrad_jax.prompts import truncate_text  # Re-exported for the baselines.
 from regrad_jax.model import sampling
 from regrad_jax.model.decode import generate
 from regrad_jax.model.config import ModelConfig
@@ -46,19 +47,6 @@ def qa_prompt_ids(tokenizer, questions: Sequence[str],
   return [prompts.encode_qa(tokenizer, q,
                             passages=None if passages is None else list(passages[i]))[0]
           for i, q in enumerate(questions)]
-
-
-def truncate_text(tokenizer, text: str, max_tokens: int) -> str:
-  """`text` cut to its first `max_tokens` tokens (unchanged if shorter).
-
-  Passages placed in a prompt are cut to config.data.max_context_len tokens, the
-  length the Gradient Bank sees of each document: a retrieved passage gives RAG
-  no more text than it gives ReGrad, and three passages keep a prompt within a
-  few hundred tokens (whole cpkc passages reach 1,000+ tokens a prompt, which
-  makes prefill and the KV cache several times costlier on a CPU).
-  """
-  ids = tokenizer.encode(text)
-  return text if len(ids) <= max_tokens else tokenizer.decode(ids[:max_tokens])
 
 
 def prompt_texts(tokenizer, documents, max_tokens: int) -> dict[str, str]:

@@ -35,9 +35,11 @@ TITLES = {"closed_book": "closed-book (base model)", "theta_only": "theta* alone
           "regrad_icl": "ReGrad + ICL: theta*, alpha, gradient + passage in the prompt"}
 
 
-def run(config, workdir, *, num: int = 200, raw_steps=(1e-2, 1e-1)) -> dict:
+def run(config, workdir, *, num: int = 200, raw_steps=(1e-2, 1e-1),
+        only: tuple[str, ...] = ()) -> dict:
   """Evaluates every condition on `num` dev records after the first
-  config.meta.num_eval (those selected the state; 0 to start at the first).
+  config.meta.num_eval (those selected the state; 0 to start at the first);
+  `only`: a subset of the condition names (default: all).
 
   The meta-learned state comes from config.meta.init_from or WORKDIR/meta_state.
   Returns {condition: {"em", "f1", "loss", "n"}}, in the order of the table.
@@ -59,6 +61,8 @@ def run(config, workdir, *, num: int = 200, raw_steps=(1e-2, 1e-1)) -> dict:
                  ("rag", fresh, zero, icl), ("regrad_icl", theta, alpha, icl)]
   out = {}
   for name, th, al, tasks in conditions:
+    if only and name not in only:
+      continue
     out[name] = trainer.evaluate(params, {"theta": th, "alpha": al}, tasks, tokenizer,
                                  config=model_cfg, lora_config=lcfg,
                                  data_cfg=config.data, batch_size=config.eval.batch_size)

@@ -62,9 +62,10 @@ def build_tasks(records, documents, tokenizer, *, k: int, mode: str,
     passages = tuple(text[ids[j]] for j in order)
     doc_ids = [prompts.encode_document(tokenizer, p, max_context_len, index=n + 1)[0]
                for n, p in enumerate(passages)]
+    # ICL prompts hold each passage cut as its gradient sees it (as RAG does).
+    in_prompt = [prompts.truncate_text(tokenizer, p, max_context_len) for p in passages]
     qa_ids, n_prompt = prompts.encode_qa(
-        tokenizer, r.question, r.answers[0],
-        list(passages) if mode == "icl" else None)
+        tokenizer, r.question, r.answers[0], in_prompt if mode == "icl" else None)
     tasks.append(Task(r.id, r.question, tuple(r.answers), passages, doc_ids,
                       qa_ids, n_prompt))
   return tasks
