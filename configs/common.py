@@ -40,7 +40,7 @@ def base() -> mlc.ConfigDict:
   c.data.num_distractors = 0  # 0 = none, -1 = all.
   c.data.max_context_len = 128  # Passage truncation, in tokens.
   c.data.doc_buckets = (32, 64, 128)  # Padded passage lengths (jit shapes).
-  c.data.qa_buckets = (32, 64, 128, 256)  # Padded QA prompt+answer lengths.
+  c.data.qa_buckets = (32, 64, 128, 256, 512)  # Padded QA prompt+answer lengths.
 
   # --- Meta-learning (regrad_jax/meta) ----------------------------------------
   c.meta = mlc.ConfigDict()

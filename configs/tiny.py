@@ -15,7 +15,7 @@ def get_config(arg=None):
   c.data.name = "tiny"
   c.data.max_context_len = 96
   c.data.doc_buckets = (64, 96)
-  c.data.qa_buckets = (64, 128, 256)
+  c.data.qa_buckets = (64, 128, 256, 384)  # 384: ICL prompts with k=2 passages.
   c.meta.k = 2
   c.meta.batch_size = 4
   c.meta.num_steps = opts.steps
