@@ -21,7 +21,6 @@ import regrad_jax
 from benchmarks import common
 from regrad_jax import data as data_lib, prompts
 from regrad_jax.adapt import online
-from regrad_jax.baselines import common as common_lib
 from regrad_jax.bank import bank as bank_lib, pipeline
 from regrad_jax.meta import objective, state
 from regrad_jax.model import decode, loaders, sampling
@@ -81,7 +80,7 @@ def answering_part(config, n_docs):
   sums = bank.gather_sum(ids)
   tokens, mask = sampling.encode_prompts(tok, [prompts.qa_prompt(q, tok) for q in questions])
   # RAG reads each passage cut to the length a banked gradient sees (as baselines.rag).
-  cut = lambda i: common_lib.truncate_text(tok, texts[i], config.data.max_context_len)
+  cut = lambda i: prompts.truncate_text(tok, texts[i], config.data.max_context_len)
   rag_t, rag_m = sampling.encode_prompts(
       tok, [prompts.qa_prompt(q, tok, [cut(i) for i in row]) for q, row in zip(questions, ids)])
   adapt = jax.jit(objective.batched_adapt)

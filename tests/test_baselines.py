@@ -6,6 +6,7 @@ import pytest
 from configs import tiny
 from regrad_jax import baselines
 from regrad_jax import data as data_lib
+from regrad_jax import prompts
 from regrad_jax import retrieval
 from regrad_jax.baselines import common
 from regrad_jax.baselines import prag as prag_lib
@@ -86,8 +87,8 @@ def test_rag_retrieves_and_indexes_only_new_documents(setup):
   # Prompts carry the passages, cut to max_context_len tokens.
   ids = baselines.qa_prompt_ids(tok, ["Q?"], [["alpha beta"]])
   assert b"alpha beta" in bytes(x for x in ids[0] if x < 256)
-  assert common.truncate_text(tok, "alpha beta", 5) == "alpha"
-  assert common.truncate_text(tok, "alpha", 5) == "alpha"
+  assert prompts.truncate_text(tok, "alpha beta", 5) == "alpha"
+  assert prompts.truncate_text(tok, "alpha", 5) == "alpha"
   assert method.generic_params() is params
 
 

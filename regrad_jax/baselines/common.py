@@ -20,7 +20,6 @@ from tqdm import tqdm
 
 from regrad_jax import batching
 from regrad_jax import prompts
-from regrad_jax.prompts import truncate_text  # Re-exported for the baselines.
 from regrad_jax.model import sampling
 from regrad_jax.model.decode import generate
 from regrad_jax.model.config import ModelConfig
@@ -50,8 +49,8 @@ def qa_prompt_ids(tokenizer, questions: Sequence[str],
 
 
 def prompt_texts(tokenizer, documents, max_tokens: int) -> dict[str, str]:
-  """id -> the document's text as placed in prompts (`truncate_text`)."""
-  return {d.id: truncate_text(tokenizer, d.text, max_tokens) for d in documents}
+  """id -> the document's text as placed in prompts (`prompts.truncate_text`)."""
+  return {d.id: prompts.truncate_text(tokenizer, d.text, max_tokens) for d in documents}
 
 
 def generate_answers(params: dict, prompt_ids: Sequence[Sequence[int]], tokenizer, *,

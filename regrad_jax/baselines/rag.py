@@ -2,11 +2,12 @@
 
 Uses the same retriever as ReGrad (same index, same K) and prompts.qa_prompt with
 the retrieved passages, each cut to config.data.max_context_len tokens (the text
-a banked gradient sees; common.truncate_text), so RAG and ReGrad differ only in
+a banked gradient sees; prompts.truncate_text), so RAG and ReGrad differ only in
 how a retrieved document reaches the model: as prompt text or as a step.
 """
 from typing import Sequence
 
+from regrad_jax import prompts
 from regrad_jax.baselines import common
 
 
@@ -54,7 +55,7 @@ class RAG:
 
   def answer(self, questions: Sequence[str]) -> list[str]:
     self.last_doc_ids = self.retrieve(questions)
-    passages = [[common.truncate_text(self.tokenizer, self.text[i], self.max_context_len)
+    passages = [[prompts.truncate_text(self.tokenizer, self.text[i], self.max_context_len)
                  for i in row] for row in self.last_doc_ids]
     ids = common.qa_prompt_ids(self.tokenizer, questions, passages)
     return common.generate_answers(

@@ -7,7 +7,7 @@ sends the engine only documents its bank does not hold yet, so a shared engine
 computes each gradient once.
 
 ReGrad + ICL places the retrieved passages in the prompt exactly as RAG does:
-each cut to config.data.max_context_len tokens (common.truncate_text). The
+each cut to config.data.max_context_len tokens (prompts.truncate_text). The
 engine's `texts` (what its ICL prompts show) are set to those cut texts for every
 injected document; whole cpkc passages would make three-passage prompts of
 1,000-4,000 tokens.
