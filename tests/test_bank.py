@@ -112,7 +112,7 @@ def test_codec_error_bounds(shape):
   _, y = _roundtrip(codecs.Int8(), x)
   long_axis = -2 if shape[-2] >= shape[-1] else -1
   vmax = np.abs(x).max(axis=long_axis, keepdims=True)
-  assert (np.abs(y - x) <= vmax / 254 * (1 + 1e-5)).all()
+  assert (np.abs(y - x) <= vmax / 254 * (1 + 1e-4)).all()
   # The per-component scale matters: one scale per matrix would lose the small ones.
   assert np.abs(y - x).max(axis=long_axis).min() < 1e-5
 
@@ -244,11 +244,11 @@ def test_transcode_codecs_within_bounds(tmp_path, built):
           assert (np.abs(y - x) <= 2.0**-8 * np.abs(x)).all()
         elif codec.name == "int8":
           axis = -2 if x.shape[-2] >= x.shape[-1] else -1
-          assert (np.abs(y - x) <= np.abs(x).max(axis, keepdims=True) / 254 * 1.00001).all()
+          assert (np.abs(y - x) <= np.abs(x).max(axis, keepdims=True) / 254 * 1.0001).all()
         elif codec.name == "qzstd":
           axis = -2 if x.shape[-2] >= x.shape[-1] else -1
           rms = np.sqrt(np.mean(x**2, axis, keepdims=True))
-          assert (np.abs(y - x) <= 0.2 * rms * 1.00001 + 1e-12).all()
+          assert (np.abs(y - x) <= 0.2 * rms * 1.0001 + 1e-12).all()
         else:
           assert np.linalg.norm(y - x) <= 0.6 * np.linalg.norm(x)
     sizes[codec.name] = dst.size_bytes()

@@ -16,7 +16,8 @@ the gradient of one rank component; magnitudes differ much more between componen
 than within one, so that is where a scale pays.
 
 Codecs and their guaranteed errors (x an element, x' its decoded value, v its
-vector of length m_v, M one layer's (m, r) matrix with m the long side):
+vector of length m_v, M one layer's (m, r) matrix with m the long side; the bounds
+hold up to float32 rounding of x / step, ~1e-5 relative):
 
   fp32     exact.                                    4 bytes/value
   bf16     |x' - x| <= 2^-8 |x|  (8 significant bits, round to nearest).

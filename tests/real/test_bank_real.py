@@ -83,7 +83,9 @@ def test_real_bank_every_codec(tmp_path, setting):
       if name == "bf16":
         assert (np.abs(y - x) <= 2.0**-8 * np.abs(x)).all()
       elif name == "int8":
-        assert (np.abs(y - x) <= np.abs(x).max(axis, keepdims=True) / 254 * 1.00001).all()
+        # XLA may divide by multiplying with the reciprocal: x / step can be off by a
+        # few ulp of 127, i.e. ~1e-5 of the half step (measured 1.3e-5).
+        assert (np.abs(y - x) <= np.abs(x).max(axis, keepdims=True) / 254 * 1.0001).all()
       elif name == "qzstd":
         # Step 0.4 rms rules for vectors of <= (127 * 0.4)^2 = 2580 values.
         rms = np.sqrt(np.mean(x**2, axis, keepdims=True))
