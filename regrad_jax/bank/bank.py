@@ -366,13 +366,16 @@ class Bank:
       A LoRA-shaped tree with leaves (Q, n, ...) float32 (zeros for no ids).
     """
     ids_per_query = _check_queries(ids_per_query)
-    flat = self.read_rows(self.rows_of([i for q in ids_per_query for i in q]))
+    # A document several queries retrieved is read and decoded once.
+    rows, where = np.unique(self.rows_of([i for q in ids_per_query for i in q]),
+                            return_inverse=True)
+    flat = self.read_rows(rows)
     bounds = np.cumsum([0] + [len(q) for q in ids_per_query])
     out = {}
     for leaf, x in flat.items():
       sums = np.zeros((len(ids_per_query),) + self.leaf_shapes[leaf], np.float32)
       for q, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
-        sums[q] = x[a:b].sum(0)
+        sums[q] = x[where[a:b]].sum(0)
       out[leaf] = sums
     return compute.unflatten(out)
 
