@@ -27,7 +27,8 @@ def tiny_config(distributed: bool):
   from configs import tiny  # pylint: disable=g-import-not-at-top
   c = tiny.get_config(f"steps={STEPS}")
   c.meta.num_train_tasks = TASKS  # Both steps see the same tasks: one jit shape.
-  c.meta.eval_every = 0
+  c.meta.eval_every = STEPS  # One dev evaluation (greedy answers), at the end.
+  c.meta.num_eval = 4
   c.meta.checkpoint_every = 1
   c.distributed = distributed
   return c

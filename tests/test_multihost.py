@@ -2,9 +2,9 @@
 
 The two workers (2 fake CPU devices each) build one global 4-device mesh and run
 `trainer.train` for 2 meta-steps (each meta-batch a global array, orbax
-checkpoints and meta_state saved collectively, files by process 0); a third,
-single process with 4 devices runs the same. The meta states must agree. (Periodic
-dev evaluation is off here: under several processes it is not yet tested.)
+checkpoints and meta_state saved collectively, files by process 0, and a dev
+evaluation with greedy answers at the end); a third, single process with 4 devices
+runs the same. The meta states and dev figures must agree.
 
 Also here: the library imports that the launches make must leave JAX's backend
 uninitialised (jax.distributed.initialize() refuses to run after it), and the
@@ -96,6 +96,10 @@ def test_two_processes_train_like_one(tmp_path):
   # Cross-process all-reduce may sum in another order than in-process: allclose.
   np.testing.assert_allclose([m["loss"] for m in logs[0]], [m["loss"] for m in logs[1]],
                              rtol=1e-5)
+  dev2, dev1 = logs[0][-1]["dev"], logs[1][-1]["dev"]
+  assert dev2["n"] == dev1["n"] == 4
+  assert (dev2["em"], dev2["f1"]) == (dev1["em"], dev1["f1"])
+  np.testing.assert_allclose(dev2["loss"], dev1["loss"], rtol=1e-5)
   assert json.loads((work2 / "meta_state" / "info.json").read_text())["step"] == 2
   assert sorted(int(p.name) for p in (work2 / "checkpoints").iterdir()
                 if p.name.isdigit()) == [1, 2]
