@@ -61,6 +61,7 @@ def make_mesh(data: int = -1, model: int = 1, devices=None) -> Mesh:
 
 
 def mesh_from_config(config) -> Mesh:
+  """`make_mesh` with config.mesh.data x config.mesh.model (data -1: fill)."""
   return make_mesh(int(config.mesh.data), int(config.mesh.model))
 
 
@@ -92,6 +93,7 @@ def param_shardings(params, mesh: Mesh, rules=PARAM_RULES):
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
+  """A full copy on every device of `mesh`."""
   return NamedSharding(mesh, P())
 
 

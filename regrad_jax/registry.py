@@ -54,6 +54,7 @@ class Asset:
 
   @property
   def is_folder(self) -> bool:
+    """True for a folder asset (one with `members`)."""
     return bool(self.members)
 
   @property
@@ -89,6 +90,7 @@ def cache_root() -> pathlib.Path:
 
 
 def default_cache_dir() -> pathlib.Path:
+  """$REGRAD_CACHE/models, where `fetch` extracts assets by default."""
   return cache_root() / "models"
 
 

@@ -87,6 +87,7 @@ class BuildReport:
 
   @property
   def docs_per_s(self) -> float:
+    """Computed rows per second of wall time (0.0 when no time was recorded)."""
     return self.computed / self.seconds if self.seconds > 0 else 0.0
 
 
@@ -304,6 +305,7 @@ class Bank:
 
   @property
   def lora_config(self) -> dict:
+    """A copy of the LoRA config fields stored in the manifest (JSON dict)."""
     return dict(self._manifest["lora_config"])
 
   @property

@@ -118,6 +118,8 @@ class Identity:
   @classmethod
   def of(cls, params, model_config: ModelConfig, lora, lora_config: LoraConfig,
          tokenizer, max_len: int) -> "Identity":
+    """Fingerprints the base params + config, theta* (`lora`), LoRA config,
+    tokenizer, max_len and passage format into an Identity."""
     return cls(
         model=fingerprint.combine(params=fingerprint.tree_fingerprint(params),
                                   config=repr(model_config)),
@@ -129,10 +131,12 @@ class Identity:
         + prompts.passage_text(1, "{text}"))
 
   def to_dict(self) -> dict:
+    """The fields as a JSON-ready dict (stored in the bank manifest)."""
     return dataclasses.asdict(self)
 
   @classmethod
   def from_dict(cls, d: dict) -> "Identity":
+    """Inverse of `to_dict`."""
     return cls(**d)
 
   def mismatches(self, other: "Identity") -> list[str]:
@@ -226,6 +230,8 @@ class GradientComputer:
     self._step = _jitted_step(model_config, lora_config, codec, mesh)
 
   def tokenize(self, texts) -> list[tuple[np.ndarray, np.ndarray, bool]]:
+    """(tokens (L,) int32, mask (L,) bool, truncated) per text; see
+    `tokenize_documents` (this computer's tokenizer, max_len and buckets)."""
     return tokenize_documents(self.tokenizer, texts, self.max_len, self.buckets)
 
   def batches(self, rows, tokenized) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:

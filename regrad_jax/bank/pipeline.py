@@ -22,6 +22,7 @@ from regrad_jax.model import loaders
 
 
 def bank_dir(workdir) -> pathlib.Path:
+  """WORKDIR/bank, where the bank is built and the evaluation finds it."""
   return pathlib.Path(workdir) / "bank"
 
 

@@ -68,6 +68,7 @@ def create_array(path, shape, dtype: str, rows_per_chunk: int, zstd: int = 0
 
 
 def open_array(path) -> ts.TensorStore:
+  """Opens an existing bank array (shape and dtype come from its metadata)."""
   return ts.open(array_spec(path), open=True, context=CONTEXT).result()
 
 
@@ -100,6 +101,7 @@ def write_json_atomic(path, obj) -> None:
 
 
 def read_json(path):
+  """Loads a JSON file (manifest or marker)."""
   with open(path) as f:
     return json.load(f)
 
@@ -123,6 +125,8 @@ def write_marker(commits_dir, writer: str, complete, refused: dict, truncated=()
 
 
 def list_markers(commits_dir) -> list[pathlib.Path]:
+  """Sorted commit markers in `commits_dir` (temporary dot-files excluded; [] if
+  the folder does not exist)."""
   d = pathlib.Path(commits_dir)
   return sorted(p for p in d.glob("*.json") if not p.name.startswith(".")) if d.is_dir() else []
 

@@ -26,15 +26,30 @@ from regrad_jax.model.config import ModelConfig
 
 
 class Method(Protocol):
+  """The interface every compared method implements (see the module docstring).
+
+  evaluate.py and injection.py drive Direct, RAG, CPT, PRAG and ReGrad only
+  through it.
+
+  Attributes:
+    name: the method's key in results.json ("direct", "rag", "cpt", ...).
+  """
   name: str
 
   def inject(self, documents: Sequence) -> None:
+    """Takes in new documents (objects with .id and .text), as a stream.
+
+    Retrieval methods index them, CPT trains on them, Direct ignores them.
+    """
     ...
 
   def answer(self, questions: Sequence[str]) -> list[str]:
+    """Greedy answers to `questions`, one str each, in order."""
     ...
 
   def generic_params(self) -> dict:
+    """Base-layout weights that answer a query unrelated to the injected
+    documents; drift is measured on them."""
     ...
 
 

@@ -78,6 +78,7 @@ def batch_loss(trainable, frozen, tokens, mask, *, config, lora_config):
 
 def make_optimizer(lr: float, weight_decay: float, clip_norm: float
                    ) -> optax.GradientTransformation:
+  """Global-norm clipping to `clip_norm`, then AdamW at a constant `lr`."""
   return optax.chain(optax.clip_by_global_norm(clip_norm),
                      optax.adamw(lr, weight_decay=weight_decay))
 

@@ -103,6 +103,7 @@ def default_data_dir() -> pathlib.Path:
 
 
 def is_prepared(root: str | os.PathLike) -> bool:
+  """Whether `root` holds the PREPARED marker a completed `prepare` writes last."""
   return (pathlib.Path(root) / MARKER).is_file()
 
 
@@ -312,6 +313,7 @@ def _check_run(proc: subprocess.CompletedProcess, what: str) -> None:
 
 
 def sha256_file(path: pathlib.Path) -> str:
+  """Hex sha256 of a file, read in 1 MiB blocks."""
   h = hashlib.sha256()
   with open(path, "rb") as f:
     for block in iter(lambda: f.read(1 << 20), b""):
@@ -320,6 +322,7 @@ def sha256_file(path: pathlib.Path) -> str:
 
 
 def check_sha256_file(path: pathlib.Path, expected: str) -> None:
+  """RuntimeError if `path` is missing; ValueError if its sha256 is not `expected`."""
   if not path.is_file():
     raise RuntimeError(f"The download did not produce {path}.")
   digest = sha256_file(path)
@@ -328,6 +331,7 @@ def check_sha256_file(path: pathlib.Path, expected: str) -> None:
 
 
 def check_sha256(data: bytes, expected: str, what: str) -> None:
+  """ValueError naming `what` if the sha256 of `data` is not `expected`."""
   digest = hashlib.sha256(data).hexdigest()
   if digest != expected:
     raise ValueError(f"sha256 mismatch for {what}: got {digest}, expected {expected}.")

@@ -155,6 +155,8 @@ def make_method(name: str, *, config, params, model_cfg, tokenizer, engine=None,
 
 
 def check_methods(names) -> tuple[str, ...]:
+  """Validates config.eval.methods: a non-empty tuple of distinct METHODS names
+  (ValueError otherwise)."""
   names = tuple(names)
   bad = [n for n in names if n not in METHODS]
   if bad or not names or len(set(names)) != len(names):

@@ -59,6 +59,7 @@ def load(path, *, expect_base: str | None = None,
 
 
 def lora_config_from_info(info: dict) -> LoraConfig:
+  """The LoraConfig of theta*, from the "lora" entry of a state's info.json."""
   c = info["lora"]
   return LoraConfig(rank=c["rank"], alpha=c["alpha"], start=c["start"],
                     stop=c["stop"], targets=tuple(c["targets"]))

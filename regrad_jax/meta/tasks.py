@@ -19,6 +19,20 @@ from regrad_jax.retrieval import bm25
 
 @dataclasses.dataclass(frozen=True)
 class Task:
+  """One meta-learning task, unpadded (`collate` pads tasks into arrays).
+
+  Attributes:
+    id: the QA record's id.
+    question: the question text.
+    answers: gold answers; answers[0] is the one in qa_ids.
+    passages: k raw passage texts (gold + k-1 BM25 neighbours), shuffled.
+    doc_ids: k token-id lists (each <= max_context_len ids) of
+      "Passage i: <text>", in the order of `passages`; padded to (k, Sd).
+    qa_ids: token ids of prompt + answer + EOS (the prompt holds the passages
+      in "icl" mode); padded to (Sq,).
+    n_prompt: number of prompt tokens at the start of qa_ids; the rest are the
+      answer tokens the QA loss sees.
+  """
   id: str
   question: str
   answers: tuple[str, ...]

@@ -51,6 +51,7 @@ class ModelConfig:
       raise ValueError(f"dtype must be float32 or bfloat16, got {self.dtype!r}")
 
   def replace(self, **kw) -> "ModelConfig":
+    """A copy with the given fields changed (validated again)."""
     return dataclasses.replace(self, **kw)
 
 

@@ -49,10 +49,12 @@ class LoraConfig:
 
   @property
   def scale(self) -> float:
+    """alpha / r, the factor on (x @ A) @ B."""
     return self.alpha / self.rank
 
   @property
   def num_layers(self) -> int:
+    """n = stop - start, the leading dimension of every leaf."""
     return self.stop - self.start
 
   @classmethod
@@ -95,6 +97,7 @@ def init_lora(key: jax.Array, config: ModelConfig, lcfg: LoraConfig) -> dict:
 
 
 def num_params(lora: dict) -> int:
+  """Total number of scalars in a LoRA tree (all A and B leaves)."""
   return sum(int(x.size) for x in jax.tree.leaves(lora))
 
 

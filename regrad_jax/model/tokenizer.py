@@ -69,12 +69,15 @@ class Tokenizer:
                chat_template=template, add_bos=add_bos, name=str(folder))
 
   def encode(self, text: str, add_bos: bool = False) -> list[int]:
+    """Token ids of `text` without the tokenizer's own specials; BOS first if
+    `add_bos`."""
     if not isinstance(text, str):
       raise TypeError(f"encode expects a str, got {type(text).__name__}")
     ids = self._tok.encode(text, add_special_tokens=False).ids
     return ([self.bos_id] if add_bos else []) + ids
 
   def decode(self, ids) -> str:
+    """Text of `ids` up to the first EOS, with BOS/EOS/PAD dropped."""
     out = []
     for i in np.asarray(ids).tolist():
       if i == self.eos_id:
@@ -84,6 +87,7 @@ class Tokenizer:
     return self._tok.decode(out, skip_special_tokens=False)
 
   def fingerprint(self) -> str:
+    """sha256 of the tokenizer.json and the BOS/EOS/PAD ids (what fixes the ids)."""
     return hashlib.sha256(
         (self._tok.to_str() + json.dumps([self.bos_id, self.eos_id, self.pad_id])
          ).encode()).hexdigest()
@@ -100,11 +104,14 @@ class ByteTokenizer:
     self.name = "bytes"
 
   def encode(self, text: str, add_bos: bool = False) -> list[int]:
+    """The UTF-8 bytes of `text` as ids; BOS first if `add_bos`."""
     if not isinstance(text, str):
       raise TypeError(f"encode expects a str, got {type(text).__name__}")
     return ([self.bos_id] if add_bos else []) + list(text.encode("utf-8"))
 
   def decode(self, ids) -> str:
+    """UTF-8 text of the byte ids up to the first EOS (other specials dropped;
+    invalid bytes replaced)."""
     out = bytearray()
     for i in np.asarray(ids).tolist():
       if i == self.eos_id:
@@ -114,4 +121,5 @@ class ByteTokenizer:
     return out.decode("utf-8", errors="replace")
 
   def fingerprint(self) -> str:
+    """A constant: the byte tokenizer has no parameters."""
     return hashlib.sha256(b"byte-tokenizer-v1").hexdigest()

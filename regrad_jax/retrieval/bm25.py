@@ -39,6 +39,7 @@ class BM25Index(index_lib.Index):
     self._bm25 = None
 
   def knobs(self):
+    """Constructor arguments saved with the index: {"k1", "b"}."""
     return {"k1": self.k1, "b": self.b}
 
   def _check_rows(self, ids, texts, embeddings):

@@ -197,6 +197,8 @@ class WordPieceTokenizer:
     self._tok.enable_truncation(max_length=max_len)
 
   def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+    """Ids per text (with the tokenizer.json's specials, [CLS] ... [SEP] for
+    BERT), truncated to max_len, unpadded."""
     return [e.ids for e in self._tok.encode_batch(list(texts))]
 
 
@@ -211,6 +213,7 @@ class HashTokenizer:
     self.vocab_size, self.max_len = vocab_size, max_len
 
   def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+    """[1, word ids..., 2] per text, at most max_len ids; unpadded."""
     out = []
     for text in texts:
       words = self._WORD.findall(text.lower())[: self.max_len - 2]
@@ -281,6 +284,8 @@ class Encoder:
 
   @classmethod
   def from_spec(cls, spec: dict[str, Any]) -> "Encoder":
+    """Rebuilds the encoder an `Encoder.spec` describes (kind tiny, registry or
+    path)."""
     kind = spec.get("kind")
     if kind == "tiny":
       return cls.tiny(dim=spec["dim"], seed=spec["seed"])
@@ -292,6 +297,7 @@ class Encoder:
 
   @property
   def dim(self) -> int:
+    """Embedding width (the BERT hidden size)."""
     return self.config.hidden_size
 
   def embed(self, texts: Sequence[str], batch_size: int = 64,

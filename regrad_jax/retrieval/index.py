@@ -222,6 +222,11 @@ def _check_ids(ids: Sequence[str]) -> list[str]:
 
 
 def read_index_meta(directory: pathlib.Path) -> dict[str, Any]:
+  """The index.json `save` wrote ({"kind", "format_version", "ids", "knobs"}).
+
+  FileNotFoundError if there is none (no or incomplete save); ValueError for
+  another format_version.
+  """
   path = pathlib.Path(directory) / _INDEX_JSON
   if not path.is_file():
     raise FileNotFoundError(f"No saved index in {directory} (missing {_INDEX_JSON}).")
@@ -240,6 +245,7 @@ class DenseIndex(Index):
 
   @property
   def dim(self) -> int:
+    """Embedding width D (0 until rows are stored)."""
     return self._emb.shape[1]
 
   @property
@@ -295,6 +301,7 @@ class BruteForceIndex(DenseIndex):
   kind = "brute"
 
   def knobs(self):
+    """No constructor arguments."""
     return {}
 
   def _search_rows(self, queries, k):
@@ -352,6 +359,8 @@ class ScannIndex(DenseIndex):
     return cls(**{k: cfg[k] for k in keys if k in cfg})
 
   def knobs(self):
+    """The constructor arguments, tuned_leaves_to_search included, so `load`
+    restores the built searcher's setting."""
     return {"num_leaves": self.num_leaves, "num_leaves_to_search": self.num_leaves_to_search,
             "training_sample_size": self.training_sample_size,
             "dimensions_per_block": self.dimensions_per_block,
@@ -362,6 +371,8 @@ class ScannIndex(DenseIndex):
 
   @property
   def uses_tree(self) -> bool:
+    """Whether the corpus is big enough (>= brute_force_below rows) for the
+    partitioned ScaNN tree; below it ScaNN scores every row exactly."""
     return len(self._ids) >= self.brute_force_below
 
   def _rebuild(self):

@@ -92,6 +92,7 @@ class Retriever:
 
   @property
   def ids(self) -> list[str]:
+    """Indexed document ids in row order (a copy)."""
     return self.index.ids
 
   def add(self, documents: Iterable[Any]) -> None:
@@ -101,6 +102,7 @@ class Retriever:
       self.index.add(ids, texts, self._embed(texts))
 
   def remove(self, ids: Sequence[str]) -> None:
+    """Deletes documents by id; KeyError if any is not indexed."""
     self.index.remove(ids)
 
   def search(self, questions: Sequence[str], k: int) -> tuple[list[list[str]], np.ndarray]:
@@ -128,6 +130,8 @@ class Retriever:
     return self.index.search(queries, k)
 
   def save(self, directory: str | os.PathLike) -> None:
+    """Writes the index plus retriever.json (encoder spec, batch size) to
+    `directory`."""
     directory = pathlib.Path(directory)
     self.index.save(directory)
     meta = {"encoder": None if self.encoder is None else self.encoder.spec,
@@ -136,6 +140,7 @@ class Retriever:
 
   @classmethod
   def load(cls, directory: str | os.PathLike) -> "Retriever":
+    """Reads a retriever written by `save`, rebuilding its encoder from the spec."""
     directory = pathlib.Path(directory)
     path = directory / _RETRIEVER_JSON
     if not path.is_file():
