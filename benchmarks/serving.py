@@ -21,6 +21,7 @@ import regrad_jax
 from benchmarks import common
 from regrad_jax import data as data_lib, prompts
 from regrad_jax.adapt import online
+from regrad_jax.baselines import common as common_lib
 from regrad_jax.bank import bank as bank_lib, pipeline
 from regrad_jax.meta import objective, state
 from regrad_jax.model import decode, loaders, sampling
@@ -73,16 +74,15 @@ def answering_part(config, n_docs):
   bank = bank_lib.Bank.open_for(tempfile.mkdtemp() + "/bank", computer)
   bank.build(docs, computer)
   retriever = retriever_lib.Retriever.build(config, docs)
-  texts = {d.id: d.text for d in docs}
   k, Q, new = config.adapt.k, len(questions), config.adapt.max_new_tokens
 
   ids, _ = retriever.search(questions, k)
   sums = bank.gather_sum(ids)
   tokens, mask = sampling.encode_prompts(tok, [prompts.qa_prompt(q, tok) for q in questions])
   # RAG reads each passage cut to the length a banked gradient sees (as baselines.rag).
-  cut = lambda i: prompts.truncate_text(tok, texts[i], config.data.max_context_len)
+  texts = common_lib.prompt_texts(tok, docs, config.data.max_context_len)
   rag_t, rag_m = sampling.encode_prompts(
-      tok, [prompts.qa_prompt(q, tok, [cut(i) for i in row]) for q, row in zip(questions, ids)])
+      tok, [prompts.qa_prompt(q, tok, [texts[i] for i in row]) for q, row in zip(questions, ids)])
   adapt = jax.jit(objective.batched_adapt)
   lora = adapt(theta, alpha, sums, np.float32(1.0))
   gen = lambda t, m, lo=None: decode.generate(params, t, m, config=mcfg, lora=lo,
