@@ -137,16 +137,26 @@ def test_kv_cache_generation_equals_recomputation():
   prompts = [list(rng.integers(0, 256, n)) for n in (6, 3)]
   n_new, P = 6, 8
   want = _greedy_by_recomputation(params, prompts, n_new)
-  for left in (True, False):
+  # With a per-row LoRA on the upper layers only (the cache then crosses two layer
+  # scans), each row decodes as the recomputation over its own merged weights.
+  trees = [random_lora(7), random_lora(8)]
+  want_lora = np.concatenate([
+      _greedy_by_recomputation(lora_lib.merge_into_base(params, t, LCFG), [p], n_new)
+      for t, p in zip(trees, prompts)])
+  assert (want_lora != want).any()
+  stacked = jax.tree.map(lambda *xs: jnp.stack(xs, axis=1), *trees)
+  for left, lora in ((True, None), (False, None), (True, stacked)):
     tokens = np.zeros((2, P), np.int32)
     mask = np.zeros((2, P), bool)
     for b, p in enumerate(prompts):
       sl = slice(P - len(p), P) if left else slice(0, len(p))
       tokens[b, sl], mask[b, sl] = p, True
     got = generate(params, jnp.asarray(tokens), jnp.asarray(mask), config=CFG,
+                   lora=lora, lora_config=None if lora is None else LCFG,
                    max_new_tokens=n_new)
-    np.testing.assert_array_equal(np.asarray(got), want,
-                                  err_msg=f"{'left' if left else 'right'} padding")
+    np.testing.assert_array_equal(np.asarray(got), want if lora is None else want_lora,
+                                  err_msg=f"{'left' if left else 'right'} padding, "
+                                          f"lora={lora is not None}")
 
 
 def test_fresh_lora_leaves_logits_unchanged():

@@ -54,7 +54,7 @@ def generate(params: dict, tokens: jax.Array, mask: jax.Array, *,
                           lora=lora, lora_config=lora_config, mask=key_mask)
   logits, cache = fwd(tokens, positions=transformer.positions_from_mask(mask),
                       cache=transformer.init_cache(config, B, T),
-                      cache_index=jnp.int32(0))
+                      cache_index=jnp.int32(0), last_only=True)
   rng = jax.random.key(0) if rng is None else rng
   temperature = jnp.asarray(temperature, jnp.float32)
 

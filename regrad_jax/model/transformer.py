@@ -99,9 +99,13 @@ def _dense(x: jax.Array, w: jax.Array, ab: dict | None, scale: float) -> jax.Arr
   return y + jnp.asarray(scale, x.dtype) * jnp.einsum("bsr,brf->bsf", h, b)
 
 
-def _layer(x, layer, lora, cache_kv, *, config, scale, positions, mask,
+def _layer(x, layer, lora, cache_kv, index, *, config, scale, positions, mask,
            cache_index, inv_freq):
-  """One decoder layer. x: (B, S, D); mask: (B, S, T) bool over key slots."""
+  """One decoder layer. x: (B, S, D); mask: (B, S, T) bool over key slots.
+
+  cache_kv: None, or the whole (L, B, T, KV, hd) key and value caches: this layer
+  (`index`) writes its S new slots into them in place and attends over its row.
+  """
   B, S, _ = x.shape
   H, KV, hd = config.n_heads, config.n_kv_heads, config.head_dim
   ab = lambda name: None if lora is None else lora.get(name)
@@ -116,10 +120,13 @@ def _layer(x, layer, lora, cache_kv, *, config, scale, positions, mask,
   k = _rope(k.reshape(B, S, KV, hd), positions, inv_freq)
   v = v.reshape(B, S, KV, hd)
   if cache_kv is not None:
-    ck, cv = cache_kv
-    k = jax.lax.dynamic_update_slice_in_dim(ck, k.astype(ck.dtype), cache_index, 1)
-    v = jax.lax.dynamic_update_slice_in_dim(cv, v.astype(cv.dtype), cache_index, 1)
-    cache_kv = (k, v)
+    # Updating the full caches (a loop carry) in place, rather than stacking per-layer
+    # outputs, keeps each decode step from copying the whole cache (~3x at B=16).
+    start = (index, jnp.int32(0), jnp.asarray(cache_index, jnp.int32), jnp.int32(0),
+             jnp.int32(0))
+    cache_kv = tuple(jax.lax.dynamic_update_slice(c, new[None].astype(c.dtype), start)
+                     for c, new in zip(cache_kv, (k, v)))
+    k, v = (jax.lax.dynamic_index_in_dim(c, index, keepdims=False) for c in cache_kv)
   # Grouped-query attention: G = H / KV query heads share each key/value head.
   qg = q.reshape(B, S, KV, H // KV, hd)
   scores = jnp.einsum("bskgd,btkd->bkgst", qg, k.astype(q.dtype)).astype(jnp.float32)
@@ -145,7 +152,7 @@ def apply(params: dict, tokens: jax.Array, *, config: ModelConfig,
           lora: dict | None = None, lora_config: lora_lib.LoraConfig | None = None,
           mask: jax.Array | None = None, positions: jax.Array | None = None,
           cache: dict | None = None, cache_index: jax.Array | int = 0,
-          remat: bool = False, return_hidden: bool = False):
+          remat: bool = False, return_hidden: bool = False, last_only: bool = False):
   """Runs the decoder.
 
   Args:
@@ -163,6 +170,8 @@ def apply(params: dict, tokens: jax.Array, *, config: ModelConfig,
     cache_index: int32 scalar slot of tokens[:, 0].
     remat: rematerialise each layer in the backward pass (less memory).
     return_hidden: also return the final hidden states (B, S, D).
+    last_only: logits (and hidden states) of the last position only, (B, 1, ...):
+      a prefill needs no more, and the (S, V) head is a fifth of its compute.
 
   Returns:
     logits (B, S, V) float32, and the updated cache when `cache` is given
@@ -191,37 +200,47 @@ def apply(params: dict, tokens: jax.Array, *, config: ModelConfig,
     upper, lora_config = lora_lib.pad_to_top(lora, lora_config, config.n_layers)
     scale, start = lora_config.scale, lora_config.start
 
-  x = params["embed"].astype(dtype)[tokens]
-  layers = jax.tree.map(lambda w: w.astype(dtype), params["layers"])
+  x = params["embed"][tokens].astype(dtype)
   body = functools.partial(
       _layer, config=config, scale=scale, positions=positions, mask=attn_mask,
       cache_index=cache_index, inv_freq=rope_inv_freq(config))
 
-  def step(x, xs):
-    layer, layer_lora, kv = xs
-    x, kv = body(x, layer, layer_lora, kv)
-    return x, kv
+  def step(carry, xs):
+    x, kv = carry
+    layer, layer_lora, index = xs
+    if layer is None:  # Decoding: read (and cast) this layer from the whole stack.
+      layer = jax.tree.map(
+          lambda w: jax.lax.dynamic_index_in_dim(w, index, keepdims=False).astype(dtype),
+          params["layers"])
+    return body(x, layer, layer_lora, kv, index), None
 
   if remat:
     step = jax.checkpoint(step)
-  kv_in = None if cache is None else (cache["k"], cache["v"])
+  kv = None if cache is None else (cache["k"], cache["v"])
   # Layers below the adapted range run without LoRA in their own scan: their
   # output is constant w.r.t. LoRA, so gradients stop there (about 1.4x faster
-  # per-document and meta gradients for the upper-half layout).
-  kv_out = []
+  # per-document and meta gradients for the upper-half layout). Without a cache
+  # (training, scoring) each scan takes its segment's cast layers as xs, so a
+  # backward pass saves no weight copies as residuals. With a cache (decoding: a
+  # loop, no gradients) each step reads its layer from the whole stack instead: a
+  # segment slice would copy those weights at every decode step (~2x the cost of a
+  # B=1 step with the upper-half LoRA layout).
+  layers = None
+  if cache is None:
+    layers = jax.tree.map(lambda w: w.astype(dtype), params["layers"])
   for lo, hi, seg_lora in ((0, start, None), (start, config.n_layers, upper)):
     if hi > lo:
-      seg = lambda t: jax.tree.map(lambda a: a[lo:hi], t)
-      x, kv = jax.lax.scan(step, x, (seg(layers), seg_lora, seg(kv_in)))
-      kv_out.append(kv)
-  if cache is not None:
-    kv_out = [jnp.concatenate(parts) for parts in zip(*kv_out)]
+      seg_layers = None if layers is None else jax.tree.map(lambda a: a[lo:hi], layers)
+      (x, kv), _ = jax.lax.scan(step, (x, kv), (seg_layers, seg_lora,
+                                                 jnp.arange(lo, hi, dtype=jnp.int32)))
+  if last_only:  # Prefill: only the last position's logits are needed.
+    x = x[:, -1:]
   x = _rms_norm(x, params["final_norm"], config.norm_eps)
   head = params["embed"].T if config.tie_embeddings else params["lm_head"]
   logits = (x @ head.astype(dtype)).astype(jnp.float32)
   out = (logits,)
   if cache is not None:
-    out += ({"k": kv_out[0], "v": kv_out[1]},)
+    out += ({"k": kv[0], "v": kv[1]},)
   if return_hidden:
     out += (x,)
   return out[0] if len(out) == 1 else out
