@@ -7,7 +7,8 @@ shape = (n, m1, m2), to named parts (arrays that share the leading B) and back:
                                            what the bank stores, one array each
   codec.encode(x) -> {part: (B, ...)}      jnp, runs inside the jitted gradient
                                            step, on device, sharded like the docs
-  codec.decode(parts, shape) -> (R, *shape) float32   NumPy, runs on read
+  codec.decode(parts, shape) -> (R, *shape) float32   jnp, runs on read inside
+                                           the bank's jitted decode (and sum)
 
 The "vector" of a leaf is a line along the longer of its last two axes, so there is
 one vector per rank component and layer: for LoRA A (n, d_in, r) a column A[l, :, j]
@@ -83,8 +84,8 @@ def _quantize(x, axis: int, rms_step: float | None = None):
   return q, step.astype(jnp.float32)
 
 
-def _dequantize(q: np.ndarray, step: np.ndarray) -> np.ndarray:
-  return q.astype(np.float32) * step.astype(np.float32)
+def _dequantize(q, step) -> jax.Array:
+  return q.astype(jnp.float32) * step.astype(jnp.float32)
 
 
 def _step_shape(shape, axis: int) -> tuple[int, ...]:
@@ -107,8 +108,8 @@ class Fp32:
   def encode(self, x) -> dict:
     return {"x": x.astype(jnp.float32)}
 
-  def decode(self, parts: dict, shape) -> np.ndarray:
-    return np.asarray(parts["x"], np.float32)
+  def decode(self, parts: dict, shape) -> jax.Array:
+    return jnp.asarray(parts["x"], jnp.float32)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,8 +126,8 @@ class Bf16:
   def encode(self, x) -> dict:
     return {"x": x.astype(jnp.bfloat16)}
 
-  def decode(self, parts: dict, shape) -> np.ndarray:
-    return np.asarray(parts["x"]).astype(ml_dtypes.bfloat16).astype(np.float32)
+  def decode(self, parts: dict, shape) -> jax.Array:
+    return jnp.asarray(parts["x"], jnp.bfloat16).astype(jnp.float32)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,7 +147,7 @@ class Int8:
     q, step = _quantize(x.astype(jnp.float32), _long_axis(x.shape))
     return {"q": q, "scale": step}
 
-  def decode(self, parts: dict, shape) -> np.ndarray:
+  def decode(self, parts: dict, shape) -> jax.Array:
     return _dequantize(parts["q"], parts["scale"])
 
 
@@ -182,7 +183,7 @@ class QZstd:
     q, step = _quantize(x.astype(jnp.float32), _long_axis(x.shape), float(self.step))
     return {"q": q, "scale": step}
 
-  def decode(self, parts: dict, shape) -> np.ndarray:
+  def decode(self, parts: dict, shape) -> jax.Array:
     return _dequantize(parts["q"], parts["scale"])
 
 
@@ -232,11 +233,12 @@ class LowRank:
     qq, qs = _quantize(q, -2)
     return {"p": pq, "p_scale": ps, "q": qq, "q_scale": qs}
 
-  def decode(self, parts: dict, shape) -> np.ndarray:
+  def decode(self, parts: dict, shape) -> jax.Array:
     p = _dequantize(parts["p"], parts["p_scale"])
     q = _dequantize(parts["q"], parts["q_scale"])
-    mat = np.matmul(p, np.swapaxes(q, -1, -2))  # (..., m, r)
-    return np.swapaxes(mat, -1, -2) if self._dims(shape)[-1] else mat
+    mat = jnp.einsum("...mk,...rk->...mr", p, q,
+                     precision=jax.lax.Precision.HIGHEST)  # (..., m, r)
+    return jnp.swapaxes(mat, -1, -2) if self._dims(shape)[-1] else mat
 
 
 def make(name: str, *, rank: int = 4, step: float = 0.4, level: int = 3):
