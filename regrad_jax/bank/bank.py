@@ -153,18 +153,29 @@ def _check_queries(ids_per_query) -> list[list[str]]:
 
 
 @functools.partial(jax.jit, static_argnames=("codec", "shapes"))
-def _decode(raw: dict, counts, *, codec, shapes: tuple) -> dict:
-  """Decodes R stored rows on the device: {leaf: (R, *shape)} float32, or with
-  `counts` (Q, R) the per-query sums counts @ rows, {leaf: (Q, *shape)}.
+def _decode(raw: dict, picks, *, codec, shapes: tuple) -> dict:
+  """Decodes stored rows on the device, in one jitted call.
 
-  One jitted, multi-threaded call: with NumPy, dequantising and summing the rows
-  of 16 queries x K=3 took longer than retrieving them (SmolLM2, ~1.5M values a row).
+  Args:
+    raw: {array name: (R, ...)} stored parts of R rows.
+    picks: None for all R rows decoded, {leaf: (R, *shape)}; or (rows, weights),
+      both (Q, K), for per-query sums {leaf: (Q, *shape)} of weights[q, k] x row
+      rows[q, k] (weight 0 pads a query with fewer than K ids).
+  Written as K gathers of decoded rows, XLA fuses dequantisation into one pass per
+  leaf: 3x faster than a (Q, R) @ (R, ...) product over all decoded rows, and far
+  faster than NumPy (SmolLM2 rows hold ~1.5M values).
   """
   out = {}
   for leaf, shape in shapes:
-    x = codec.decode({p: raw[f"{leaf}/{p}"] for p in codec.parts(shape)}, shape)
-    out[leaf] = x if counts is None else jnp.einsum(
-        "qr,r...->q...", counts, x, precision=jax.lax.Precision.HIGHEST)
+    parts = {p: raw[f"{leaf}/{p}"] for p in codec.parts(shape)}
+    if picks is None:
+      out[leaf] = codec.decode(parts, shape)
+      continue
+    rows, weights = picks
+    out[leaf] = sum(
+        weights[:, k].reshape((-1,) + (1,) * len(shape)) *
+        codec.decode({p: x[rows[:, k]] for p, x in parts.items()}, shape)
+        for k in range(rows.shape[1]))
   return out
 
 
@@ -392,16 +403,20 @@ class Bank:
       ids), left on the device for the adapted forward.
     """
     ids_per_query = _check_queries(ids_per_query)
-    # A document several queries retrieved is read and decoded once; the sums are
-    # counts (Q, R) @ rows (R, ...), decoded and summed on the device in one call.
-    rows, where = np.unique(self.rows_of([i for q in ids_per_query for i in q]),
+    # A document several queries retrieved is read once; decoding and summing run
+    # on the device in one call.
+    uniq, where = np.unique(self.rows_of([i for q in ids_per_query for i in q]),
                             return_inverse=True)
-    raw = self._read_raw(rows)
-    counts = np.zeros((len(ids_per_query), len(next(iter(raw.values())))), np.float32)
-    query = np.repeat(np.arange(len(ids_per_query)), [len(q) for q in ids_per_query])
-    np.add.at(counts, (query, where.reshape(-1)), np.float32(1))
-    return compute.unflatten(_decode(raw, counts, codec=self.codec,
-                  shapes=tuple(self.leaf_shapes.items())))
+    k = max([1] + [len(q) for q in ids_per_query])
+    rows = np.zeros((len(ids_per_query), k), np.int32)
+    weights = np.zeros((len(ids_per_query), k), np.float32)
+    start = 0
+    for q, ids in enumerate(ids_per_query):
+      rows[q, :len(ids)] = where.reshape(-1)[start:start + len(ids)]
+      weights[q, :len(ids)] = 1
+      start += len(ids)
+    return compute.unflatten(_decode(self._read_raw(uniq), (rows, weights),
+                                     codec=self.codec, shapes=tuple(self.leaf_shapes.items())))
 
   # --- Writing ------------------------------------------------------------------
 
