@@ -1,5 +1,6 @@
 """Gradient Bank: gradients, codecs, storage round trips, lifecycle, bad input, resume."""
 import functools
+import itertools
 import json
 import os
 import signal
@@ -251,6 +252,13 @@ def test_transcode_codecs_within_bounds(tmp_path, built):
           assert (np.abs(y - x) <= 0.2 * rms * 1.0001 + 1e-12).all()
         else:
           assert np.linalg.norm(y - x) <= 0.6 * np.linalg.norm(x)
+    # Per-query sums decode on the device (K gathers): they equal the decoded rows'
+    # sums, for ragged queries and a document two queries share.
+    queries = [ids[:3], ids[2:3], [ids[0], ids[0]]]
+    summed = compute.flatten(dst.gather_sum(queries))
+    for q, leaf in itertools.product(range(3), summed):
+      np.testing.assert_allclose(summed[leaf][q], sum(got[i][leaf] for i in queries[q]),
+                                 rtol=1e-5, atol=1e-7)
     sizes[codec.name] = dst.size_bytes()
     with pytest.raises(bank.BankMismatchError, match="codec"):
       bank.Bank.open(dst.path, codec=codecs.Fp32())
