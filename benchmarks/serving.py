@@ -118,6 +118,7 @@ def answering_part(config, n_docs):
   print(f"  engine.answer batched {Q / batched:.2f} q/s vs one-at-a-time {Q / single:.2f} q/s: "
         f"{single / batched:.1f}x")
 
+
 def main(argv):
   del argv
   config = _CONFIG.value

@@ -121,7 +121,8 @@ def _layer(x, layer, lora, cache_kv, index, *, config, scale, positions, mask,
   v = v.reshape(B, S, KV, hd)
   if cache_kv is not None:
     # Updating the full caches (a loop carry) in place, rather than stacking per-layer
-    # outputs, keeps each decode step from copying the whole cache (~3x at B=16).
+    # outputs, keeps each decode step from copying the whole cache (SmolLM2 at B=16 on
+    # 2 CPU cores: 145 -> 101 ms a step).
     start = (index, jnp.int32(0), jnp.asarray(cache_index, jnp.int32), jnp.int32(0),
              jnp.int32(0))
     cache_kv = tuple(jax.lax.dynamic_update_slice(c, new[None].astype(c.dtype), start)
