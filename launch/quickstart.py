@@ -23,7 +23,8 @@ from regrad_jax.eval import evaluate, report
 
 
 def quickstart_config():
-  """SmolLM2 + cpkc, sized to finish in about 20 minutes on 2 CPU cores."""
+  """SmolLM2 + cpkc, sized to finish in about 10 minutes on 2 CPU cores (7 min 18 s
+  measured with the model and data cached)."""
   c = smollm2_cpkc.get_config("steps=30,k=1,batch=4,ctx=96")
   # The shipped meta-learned state (see regrad_jax/released/README.md for the
   # command that made it); set to "" to meta-train briefly instead.
