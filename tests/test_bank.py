@@ -210,6 +210,8 @@ def test_gather_and_gather_sum(setup, built):
     assert x.shape == (3,) + b.leaf_shapes[leaf]
     np.testing.assert_allclose(x[1], rows[ids[3]][leaf] + rows[ids[4]][leaf], rtol=1e-6)
     assert not x[2].any()
+  nothing = compute.flatten(b.gather_sum([[], []]))  # No ids at all: zeros, no read.
+  assert all(x.shape == (2,) + b.leaf_shapes[leaf] and not x.any() for leaf, x in nothing.items())
   with pytest.raises(ValueError, match="same K"):
     b.gather([ids[:2], ids[:3]])
   with pytest.raises(KeyError, match="nope"):

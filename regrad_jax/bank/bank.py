@@ -364,7 +364,7 @@ class Bank:
   def _read_raw(self, rows: np.ndarray) -> dict[str, np.ndarray]:
     """The stored parts of distinct `rows`, all arrays read concurrently. The row
     count is padded up to 2^j or 3 x 2^j (by repeating the last row) so that
-    `_decode` compiles a few shapes and reads at most a third more."""
+    `_decode` compiles a few shapes and reads less than half as many rows again."""
     if not len(rows):  # One zero row (the queries give it weight 0).
       return {name: np.zeros((1,) + tuple(arr.shape[1:]), arr.dtype.numpy_dtype)
               for name, arr in self._arrays.items()}
