@@ -20,6 +20,10 @@ def base() -> mlc.ConfigDict:
   c.model.seed = 0  # Init seed of the random "tiny" model (its identity).
   c.model.dtype = "float32"  # Compute dtype: float32 here; bfloat16 on GPU/TPU.
   c.model.max_seq_len = 512  # Longest prompt + answer the launches will build.
+  # How questions and passages become text (regrad_jax/prompts.py): "auto" (the
+  # tokenizer's chat template, EOS-terminated answers) or "reference" (the
+  # paper's fixed Llama-3 prompt strings, "\n"-terminated, first-line answers).
+  c.model.prompt_style = "auto"
 
   # --- LoRA (regrad_jax/model/lora.py) ----------------------------------------
   c.lora = mlc.ConfigDict()
@@ -30,12 +34,17 @@ def base() -> mlc.ConfigDict:
 
   # --- Data (regrad_jax/data) -------------------------------------------------
   c.data = mlc.ConfigDict()
-  # "tiny" = built-in synthetic corpus; "cpkc" = JSONL files below.
+  # "tiny" = built-in synthetic corpus; "cpkc" / "squad" = our JSONL files;
+  # popqa | 2wiki | hotpotqa | cwq = public files named below; a "+"-joined
+  # mixture ("cpkc+squad") meta-trains on all and evaluates each (data/__init__.py).
   c.data.name = "tiny"
-  c.data.root = ""  # Folder with cpkc/, wiki_summaries.jsonl ...; "" = auto.
-  c.data.train = "cpkc/train.jsonl"
-  c.data.dev = "cpkc/dev.jsonl"
-  c.data.test = "cpkc/test.jsonl"
+  c.data.root = ""  # Folder with cpkc/, squad/, wiki_summaries.jsonl ...; "" = auto.
+  # Split files under root; "" = the dataset's standard file (data.FILES).
+  c.data.train = ""
+  c.data.dev = ""
+  c.data.test = ""
+  # Mixture sampling weights, one per dataset of `name` (() = by record count).
+  c.data.weights = ()
   c.data.distractors = "wiki_summaries.jsonl"  # Extra bank documents; "" = none.
   c.data.num_distractors = 0  # 0 = none, -1 = all.
   c.data.max_context_len = 128  # Passage truncation, in tokens.
@@ -44,7 +53,10 @@ def base() -> mlc.ConfigDict:
 
   # --- Meta-learning (regrad_jax/meta) ----------------------------------------
   c.meta = mlc.ConfigDict()
-  c.meta.k = 3  # Passages per task: gold + k-1 BM25 neighbours.
+  c.meta.k = 3  # Passages per task.
+  # "gold": gold + k-1 BM25 neighbours, shuffled; "reference": the question's
+  # BM25 top-k in rank order, gold not guaranteed (regrad_jax/meta/tasks.py).
+  c.meta.tasks = "gold"
   c.meta.mode = "blind"  # "blind" or "icl" (passages also in the QA prompt).
   c.meta.alpha_mode = "tie"  # tie | full | same | fix.
   c.meta.alpha_init = 1e-2
@@ -57,9 +69,9 @@ def base() -> mlc.ConfigDict:
   c.meta.clip_norm = 0.5
   c.meta.batch_size = 16  # Tasks per meta-step.
   c.meta.num_steps = 100
-  c.meta.num_train_tasks = -1  # -1 = all training records.
+  c.meta.num_train_tasks = -1  # -1 = all training records (per domain of a mixture).
   c.meta.eval_every = 50
-  c.meta.num_eval = 50  # Dev questions per periodic evaluation.
+  c.meta.num_eval = 50  # Dev questions per periodic evaluation (per domain).
   c.meta.checkpoint_every = 10
   c.meta.init_from = ""  # A released meta-state directory to start from.
 
@@ -74,6 +86,9 @@ def base() -> mlc.ConfigDict:
   c.bank.lowrank_rank = 4  # lowrank: rank k kept per layer matrix.
   c.bank.batch_size = 8  # Documents per jitted gradient call (per data shard).
   c.bank.rows_per_chunk = 1  # Bank rows per TensorStore chunk (1: K reads = K chunks).
+  # Gradients of the raw document text (as the reference banks) instead of
+  # "Passage 1: <text>" (what the meta-learner's passages look like).
+  c.bank.raw_text = False
 
   # --- Retrieval (regrad_jax/retrieval) ---------------------------------------
   c.retrieval = mlc.ConfigDict()

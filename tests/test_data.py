@@ -263,8 +263,8 @@ def test_load_split(data_root):
   assert len(data.load_split(_config(), "train")[1]) == 64  # Tiny.
   with pytest.raises(ValueError, match="Unknown split 'val'"):
     data.load_split(config, "val")
-  with pytest.raises(ValueError, match="Unknown dataset.*'squad'"):
-    data.load_split(_config(name="squad", root=str(data_root)), "dev")
+  with pytest.raises(ValueError, match="Unknown dataset.*'nope'"):
+    data.load_split(_config(name="cpkc+nope", root=str(data_root)), "dev")
 
 
 def test_load_split_public_format_absolute_path(tmp_path, monkeypatch):

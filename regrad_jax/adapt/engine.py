@@ -129,7 +129,8 @@ class ReGrad:
         self.params, self.theta, self.alpha, grad_sums, tokens, mask,
         np.float32(gamma), config=self.model_config, lora_config=self.lora_config,
         max_new_tokens=self.max_new_tokens)
-    return [self.tokenizer.decode(row).strip() for row in np.asarray(out)[:n]]
+    return [prompts_lib.extract_answer(self.tokenizer, self.tokenizer.decode(row))
+            for row in np.asarray(out)[:n]]
 
   def inject(self, documents, progress: bool = False):
     """Adds new documents: their gradients to the bank, their text to the index.

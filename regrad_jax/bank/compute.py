@@ -34,7 +34,8 @@ from regrad_jax.model.config import ModelConfig
 from regrad_jax.model.lora import LoraConfig
 
 
-def tokenize_documents(tokenizer, texts, max_len: int, buckets, *, index: int = 1
+def tokenize_documents(tokenizer, texts, max_len: int, buckets, *,
+                       index: int | None = 1
                        ) -> list[tuple[np.ndarray, np.ndarray, bool]]:
   """Tokenises passages the way meta-training does, padded to length buckets.
 
@@ -48,7 +49,8 @@ def tokenize_documents(tokenizer, texts, max_len: int, buckets, *, index: int = 
     max_len: token limit (config.data.max_context_len).
     buckets: padded lengths (config.data.doc_buckets); the largest must be
       >= max_len so every truncated document fits.
-    index: the passage number in "Passage i: " (1 for a stored document).
+    index: the passage number in "Passage i: " (1 for a stored document; None:
+      the raw text, config.bank.raw_text).
 
   Returns:
     One (tokens (L,) int32, mask (L,) bool, truncated) per text, L the smallest
@@ -117,7 +119,7 @@ class Identity:
 
   @classmethod
   def of(cls, params, model_config: ModelConfig, lora, lora_config: LoraConfig,
-         tokenizer, max_len: int) -> "Identity":
+         tokenizer, max_len: int, index: int | None = 1) -> "Identity":
     """Fingerprints the base params + config, theta* (`lora`), LoRA config,
     tokenizer, max_len and passage format into an Identity."""
     return cls(
@@ -128,7 +130,7 @@ class Identity:
         tokenizer=str(tokenizer.fingerprint()),
         max_len=int(max_len),
         prompt=("<bos>" if tokenizer.add_bos_default else "")
-        + prompts.passage_text(1, "{text}"))
+        + ("{text}" if index is None else prompts.passage_text(index, "{text}")))
 
   def to_dict(self) -> dict:
     """The fields as a JSON-ready dict (stored in the bank manifest)."""
@@ -205,7 +207,7 @@ class GradientComputer:
 
   def __init__(self, params, lora, *, model_config: ModelConfig,
                lora_config: LoraConfig, tokenizer, codec, max_len: int,
-               buckets, batch_size: int = 8, mesh=None):
+               buckets, batch_size: int = 8, mesh=None, raw_text: bool = False):
     if mesh is None:
       mesh = parallel.make_mesh(devices=jax.local_devices())
     foreign = [d for d in mesh.devices.flat if d.process_index != jax.process_index()]
@@ -219,11 +221,12 @@ class GradientComputer:
     self.codec = codec
     self.tokenizer = tokenizer
     self.max_len = int(max_len)
+    self.index = None if raw_text else 1  # "Passage 1: <text>" or the raw text.
     self.buckets = tuple(sorted(int(b) for b in buckets))
     self.global_batch = int(batch_size) * mesh.shape[parallel.DATA]
     self.leaf_shapes = {k: tuple(v.shape) for k, v in flatten(lora).items()}
     self.identity = Identity.of(params, model_config, lora, lora_config, tokenizer,
-                                max_len)
+                                max_len, self.index)
     self._params = parallel.shard_params(params, mesh)
     self._lora = jax.device_put(lora, parallel.replicated(mesh))
     self._data = parallel.data_sharded(mesh)
@@ -232,7 +235,8 @@ class GradientComputer:
   def tokenize(self, texts) -> list[tuple[np.ndarray, np.ndarray, bool]]:
     """(tokens (L,) int32, mask (L,) bool, truncated) per text; see
     `tokenize_documents` (this computer's tokenizer, max_len and buckets)."""
-    return tokenize_documents(self.tokenizer, texts, self.max_len, self.buckets)
+    return tokenize_documents(self.tokenizer, texts, self.max_len, self.buckets,
+                              index=self.index)
 
   def batches(self, rows, tokenized) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """Groups documents by bucket into full batches of `global_batch`.

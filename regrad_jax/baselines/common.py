@@ -108,5 +108,5 @@ def generate_answers(params: dict, prompt_ids: Sequence[Sequence[int]], tokenize
         lora_config=lora_config if row_lora is not None else None,
         max_new_tokens=max_new_tokens))
     for r, row in zip(rows, new):
-      out[r] = tokenizer.decode(row).strip()
+      out[r] = prompts.extract_answer(tokenizer, tokenizer.decode(row))
   return out

@@ -9,10 +9,14 @@ config's `data` section:
   probe = load_probe(config, 500)              # closed-book facts (forgetting)
 
 `config.data.name` picks the dataset: "tiny" (generated in code, see tiny.py),
-"cpkc" (our JSONL files), or a public format a user brings ("popqa", "2wiki",
-"hotpotqa", "cwq"; config.data.train/dev/test then name those files).
+"cpkc" or "squad" (our JSONL files), or a public format a user brings ("popqa",
+"2wiki", "hotpotqa", "cwq"; config.data.train/dev/test then name those files).
+A mixture joins names with "+" ("cpkc+squad"): each split is the union of the
+datasets' standard files (FILES), every record tagged with its `domain`, and
+meta-training samples the domains by config.data.weights.
 Real files are found under `resolve_root(config)`.
 """
+import dataclasses
 import os
 import pathlib
 
@@ -30,6 +34,13 @@ READERS = {
     "2wiki": records_lib.read_2wiki,
     "hotpotqa": records_lib.read_hotpotqa,
     "cwq": records_lib.read_cwq,
+    "squad": records_lib.read_squad,
+}
+# Each of our datasets' files under the data root ("" in config.data.<split>
+# means this file); squad has no test split (its dev questions are reported).
+FILES = {
+    "cpkc": {s: f"cpkc/{s}.jsonl" for s in SPLITS},
+    "squad": {s: f"squad/{s}.jsonl" for s in ("train", "dev")},
 }
 # The developers' shared data folder: a sibling of the repository.
 _SIBLING = pathlib.Path(__file__).resolve().parents[2].parent / "shared" / "data"
@@ -59,17 +70,54 @@ def resolve_root(config) -> pathlib.Path:
   return prepare_lib.prepare(cache)
 
 
+def domains(config) -> tuple[str, ...]:
+  """The datasets of config.data.name: ("cpkc",) or, for "cpkc+squad", both."""
+  return tuple(config.data.name.split("+"))
+
+
+def domain_weights(config) -> tuple[float, ...] | None:
+  """config.data.weights normalised (one per domain); None = by record count."""
+  names, w = domains(config), tuple(float(x) for x in config.data.weights)
+  if not w:
+    return None
+  if len(w) != len(names) or min(w) < 0 or sum(w) <= 0:
+    raise ValueError(f"config.data.weights={w} needs one non-negative weight per "
+                     f"dataset of config.data.name={config.data.name!r}.")
+  return tuple(x / sum(w) for x in w)
+
+
 def load_split(config, split: str) -> tuple[list[Document], list[QARecord]]:
-  """(documents, records) of split "train", "dev" or "test" of config.data.name."""
+  """(documents, records) of split "train", "dev" or "test" of config.data.name.
+
+  Records carry `domain` = their dataset's name; a mixture concatenates its
+  datasets in the order named (document ids must not collide: checked).
+  """
   if split not in SPLITS:
     raise ValueError(f"Unknown split {split!r}; expected one of {SPLITS}.")
-  name = config.data.name
-  if name == "tiny":
-    return tiny.tiny_splits()[split]
-  if name not in READERS:
-    raise ValueError(f"Unknown dataset config.data.name={name!r}; "
-                     f"known: {['tiny', *READERS]}.")
-  return READERS[name](_data_path(config, config.data[split]))
+  names = domains(config)
+  if config.data.name == "tiny":
+    docs, records = tiny.tiny_splits()[split]
+    return docs, [dataclasses.replace(r, domain="tiny") for r in records]
+  unknown = [n for n in names if n not in READERS]
+  if unknown:
+    raise ValueError(f"Unknown dataset {unknown[0]!r} in config.data.name="
+                     f"{config.data.name!r}; known: {['tiny', *READERS]}.")
+  docs, records = [], []
+  for name in names:
+    rel = config.data[split] if len(names) == 1 else ""
+    if len(names) > 1 and config.data[split]:
+      raise ValueError(f"config.data.{split}={config.data[split]!r} is ambiguous for "
+                       f"the mixture {config.data.name!r}: leave it empty.")
+    if not rel:
+      if split not in FILES.get(name, {}):
+        raise ValueError(f"Dataset {name!r} has no standard {split} file; set "
+                         f"config.data.{split} (or use another split).")
+      rel = FILES[name][split]
+    d, r = READERS[name](_data_path(config, rel))
+    docs += d
+    records += [dataclasses.replace(x, domain=name) for x in r]
+  _check_unique(docs, f"{config.data.name} {split}")
+  return docs, records
 
 
 def load_corpus(config, split: str = "test") -> list[Document]:
@@ -92,12 +140,16 @@ def load_corpus(config, split: str = "test") -> list[Document]:
       raise ValueError(f"config.data.num_distractors={n}, but "
                        f"{config.data.distractors} holds only {len(extra)} documents.")
     docs += extra
+  _check_unique(docs, f"{split} corpus")
+  return docs
+
+
+def _check_unique(docs: list[Document], what: str) -> None:
   seen = set()
   for d in docs:
     if d.id in seen:
-      raise ValueError(f"Duplicate document id {d.id!r} in the {split} corpus.")
+      raise ValueError(f"Duplicate document id {d.id!r} in the {what}.")
     seen.add(d.id)
-  return docs
 
 
 def load_general_text(config, n: int) -> list[Document]:
@@ -157,6 +209,7 @@ def _spread(items: list, n: int) -> list:
 
 
 __all__ = [
-    "Document", "QARecord", "SPLITS", "READERS", "resolve_root", "load_split",
+    "Document", "QARecord", "SPLITS", "READERS", "FILES", "resolve_root", "domains",
+    "domain_weights", "load_split",
     "load_corpus", "load_general_text", "load_probe",
 ]

@@ -12,16 +12,18 @@ Readers fail loudly on malformed input: a missing file, a line that is not JSON
 (with its line number), a missing or mistyped field (with the record's position).
 
 Formats:
-  - our own JSONL files (see the data README): `read_cpkc`, `read_wiki_summaries`,
-    `read_probe`, `read_general_text`;
+  - our own JSONL files (see the data README): `read_cpkc`, `read_squad`,
+    `read_wiki_summaries`, `read_probe`, `read_general_text`;
   - public QA sets users bring: `read_popqa` (tsv), `read_2wiki`, `read_hotpotqa`
     (json lists with [[title, sentences], ...] contexts), `read_cwq`.
 """
 import csv
 import dataclasses
+import hashlib
 import json
 import os
 import pathlib
+import re
 from typing import Any, Iterator
 
 PathLike = str | os.PathLike
@@ -57,6 +59,8 @@ class QARecord:
     passage: the gold passage's text, when known.
     original_answer: for counterfactual data (cpkc), the real-world answer the
       passage overrides; None otherwise.
+    domain: the dataset the record comes from ("cpkc", "squad", ...); set by
+      `data.load_split`, used to sample and evaluate mixtures per domain.
   """
   id: str
   question: str
@@ -64,6 +68,7 @@ class QARecord:
   passage_id: str | None
   passage: str | None = None
   original_answer: str | None = None
+  domain: str = ""
 
 
 # --------------------------------------------------------------------------
@@ -191,6 +196,38 @@ def read_cpkc(path: PathLike) -> tuple[list[Document], list[QARecord]]:
         passage=passage,
         original_answer=_field(obj, "original_answer", where, optional=True)))
   return docs, records
+
+
+def read_squad(path: PathLike) -> tuple[list[Document], list[QARecord]]:
+  """Reads a squad split (JSONL: id, passage, question, answer, answers, source).
+
+  About five questions share a paragraph, and a paragraph may occur twice: as
+  SQuAD wrote it (source "question_selection") and whitespace-tokenised
+  ("disfl_qa": "40 , 000"). Both forms are one Document, id
+  "squad-" + sha256 of the text with all whitespace removed (12 hex), holding
+  the untokenised form when the file has it (else the first seen). `answers`
+  holds the span as written in the record's own passage and the raw SQuAD
+  answer (a prediction in either form scores), first one the kept text contains.
+  """
+  texts: dict[str, tuple[str, bool]] = {}  # doc id -> (text, untokenised form)
+  records = []
+  for where, obj in iter_jsonl(path):
+    passage = _field(obj, "passage", where)
+    doc_id = "squad-" + hashlib.sha256(re.sub(r"\s+", "", passage).encode()).hexdigest()[:12]
+    raw = _field(obj, "source", where) == "question_selection"
+    if doc_id not in texts or (raw and not texts[doc_id][1]):
+      texts[doc_id] = (passage, raw)
+    answers = [_field(obj, "answer", where)] + _field(obj, "answers", where, list)
+    records.append(QARecord(id=_field(obj, "id", where),
+                            question=_field(obj, "question", where),
+                            answers=_answers(answers, where, "answers"), passage_id=doc_id))
+  docs = [Document(id=i, text=t) for i, (t, _) in texts.items()]
+  out = []
+  for r in records:  # The training target: a form the kept passage contains.
+    text = texts[r.passage_id][0]
+    answers = sorted(r.answers, key=lambda a: a not in text)
+    out.append(dataclasses.replace(r, answers=tuple(answers), passage=text))
+  return docs, out
 
 
 def read_wiki_summaries(path: PathLike, limit: int | None = None) -> list[Document]:

@@ -18,11 +18,12 @@ theta' = theta - alpha (.) sum_c g_c(theta):
 
 Each row: EM / F1 (percent, SQuAD-normalised) of greedy answers, and the mean
 answer loss (nats per answer token, teacher-forced), which moves long before F1.
+A mixture (config.data.name "cpkc+squad") is evaluated per domain: the row's
+figures are the domains' means, each domain's under "domains".
 """
 import jax
 import numpy as np
 
-from regrad_jax import data as data_lib
 from regrad_jax.meta import state as state_lib
 from regrad_jax.meta import tasks as tasks_lib
 from regrad_jax.meta import trainer
@@ -48,12 +49,11 @@ def run(config, workdir, *, num: int = 200, raw_steps=(1e-2, 1e-1),
   theta, alpha, lcfg = state_lib.load_for(config, workdir, params, tokenizer)
   fresh = lora_lib.init_lora(jax.random.key(config.seed), model_cfg, lcfg)
   zero = np.float32(0.0)
-  docs, recs = data_lib.load_split(config, "dev")
   kw = dict(k=config.meta.k, max_context_len=config.data.max_context_len,
-            seed=config.seed)
-  recs = recs[config.meta.num_eval:config.meta.num_eval + num]
-  blind = tasks_lib.build_tasks(recs, docs, tokenizer, mode="blind", **kw)
-  icl = tasks_lib.build_tasks(recs, docs, tokenizer, mode="icl", **kw)
+            seed=config.seed, selection=config.meta.tasks, start=config.meta.num_eval,
+            num=num)
+  blind = tasks_lib.split_tasks(config, "dev", tokenizer, mode="blind", **kw)
+  icl = tasks_lib.split_tasks(config, "dev", tokenizer, mode="icl", **kw)
 
   conditions = [("closed_book", fresh, zero, blind)]
   conditions += [(f"raw_grad:{s:g}", fresh, np.float32(s), blind) for s in raw_steps]
@@ -63,17 +63,21 @@ def run(config, workdir, *, num: int = 200, raw_steps=(1e-2, 1e-1),
   for name, th, al, tasks in conditions:
     if only and name not in only:
       continue
-    out[name] = trainer.evaluate(params, {"theta": th, "alpha": al}, tasks, tokenizer,
-                                 config=model_cfg, lora_config=lcfg,
-                                 data_cfg=config.data, batch_size=config.eval.batch_size)
+    out[name] = trainer.evaluate_domains(
+        params, {"theta": th, "alpha": al}, tasks, tokenizer, config=model_cfg,
+        lora_config=lcfg, data_cfg=config.data, batch_size=config.eval.batch_size)
     print(f"{name}: {out[name]}", flush=True)
   return out
 
 
 def table(rows: dict) -> str:
-  """Markdown: condition | EM | F1 | answer loss | n."""
-  lines = ["| condition | EM | F1 | answer loss | n |", "|---|---|---|---|---|"]
+  """Markdown: condition | EM | F1 | answer loss | n (| F1 per domain)."""
+  domains = list(next(iter(rows.values()), {}).get("domains", {}))
+  lines = ["| condition | EM | F1 | answer loss | n |" + "".join(f" F1 {d} |" for d in domains),
+           "|---|---|---|---|---|" + "---|" * len(domains)]
   for name, r in rows.items():
     title = TITLES.get(name, name.replace("raw_grad:", "raw LM gradient, fixed step "))
-    lines.append(f"| {title} | {r['em']:.1f} | {r['f1']:.1f} | {r['loss']:.3f} | {r['n']} |")
+    n = r.get("n", sum(d["n"] for d in r.get("domains", {}).values()))
+    lines.append(f"| {title} | {r['em']:.1f} | {r['f1']:.1f} | {r['loss']:.3f} | {n} |"
+                 + "".join(f" {r['domains'][d]['f1']:.1f} |" for d in domains))
   return "\n".join(lines)

@@ -1,18 +1,26 @@
-"""Meta-learning tasks (C, q, a): the gold passage plus k-1 BM25 neighbours.
+"""Meta-learning tasks (C, q, a): k passages for a question, and its answer.
+
+Two ways to pick the k passages (config.meta.tasks):
+  "gold"       the gold passage plus its question's k-1 best other BM25 hits, in a
+               seeded random order (the gold passage is always in, not always first);
+  "reference"  the question's BM25 top-k in rank order, as the reference trains
+               (the gold passage is not guaranteed to be among them).
+Passages are numbered from prompts.first_index ("Passage 1: ..." or, in the
+reference prompt style, "Passage 0: ...").
 
 A task holds, as padded NumPy arrays:
   doc_tokens  (k, Sd) int32 / doc_mask (k, Sd) bool   the passages, "Passage i: ..."
   qa_tokens   (Sq,)   int32 / qa_mask  (Sq,)   bool   prompt + answer + EOS
   target_mask (Sq,)   bool   True on answer tokens (the only ones the QA loss sees)
 Sd and Sq are chosen from config.data.doc_buckets / qa_buckets, so a meta-batch has
-one of a handful of shapes. The passages are shuffled (a seeded permutation per
-task), so the gold passage is not always first.
+one of a handful of shapes.
 """
 import dataclasses
 
 import numpy as np
 
 from regrad_jax import batching
+from regrad_jax import data as data_lib
 from regrad_jax import prompts
 from regrad_jax.retrieval import bm25
 
@@ -25,7 +33,7 @@ class Task:
     id: the QA record's id.
     question: the question text.
     answers: gold answers; answers[0] is the one in qa_ids.
-    passages: k raw passage texts (gold + k-1 BM25 neighbours), shuffled.
+    passages: k raw passage texts, in task order (see the module docstring).
     doc_ids: k token-id lists (each <= max_context_len ids) of
       "Passage i: <text>", in the order of `passages`; padded to (k, Sd).
     qa_ids: token ids of prompt + answer + EOS (the prompt holds the passages
@@ -42,39 +50,47 @@ class Task:
   n_prompt: int  # Prompt length within qa_ids.
 
 
+SELECTIONS = ("gold", "reference")
+
+
 def build_tasks(records, documents, tokenizer, *, k: int, mode: str,
-                max_context_len: int, seed: int = 0) -> list[Task]:
+                max_context_len: int, seed: int = 0, selection: str = "gold"
+                ) -> list[Task]:
   """Turns QA records into tasks.
 
   Args:
-    records: QARecords with passage_id naming their gold document.
+    records: QARecords; for "gold", passage_id names their gold document.
     documents: the corpus the gold passages and the neighbours come from.
     tokenizer: the model's tokenizer.
-    k: passages per task (gold + k-1 neighbours by BM25 on the question).
+    k: passages per task.
     mode: "blind" (QA prompt without passages) or "icl" (passages in the prompt).
     max_context_len: passage truncation in tokens.
-    seed: seeds the per-task passage shuffle.
+    seed: seeds the per-task passage shuffle ("gold").
+    selection: "gold" or "reference" (module docstring).
   """
   if mode not in ("blind", "icl"):
     raise ValueError(f"mode must be 'blind' or 'icl', got {mode!r}")
+  if selection not in SELECTIONS:
+    raise ValueError(f"meta.tasks must be one of {SELECTIONS}, got {selection!r}")
   text = {d.id: d.text for d in documents}
   missing = [r.id for r in records if r.passage_id not in text]
-  if missing:
+  if missing and selection == "gold":
     raise ValueError(f"{len(missing)} records have no gold passage in the corpus, "
                      f"e.g. {missing[:3]}")
-  neighbours = [[] for _ in records]
-  if k > 1:
+  hits = [[] for _ in records]
+  if k > 1 or selection == "reference":
     index = bm25.BM25Index()
     index.build(list(text), list(text.values()))
-    hits, _ = index.search([r.question for r in records], k)
-    neighbours = [[h for h in row if h != r.passage_id][:k - 1]
-                  for r, row in zip(records, hits)]
+    hits = index.search([r.question for r in records], k)[0]
+  first = prompts.first_index(tokenizer)
   tasks = []
-  for i, (r, extra) in enumerate(zip(records, neighbours)):
-    ids = [r.passage_id] + extra
-    order = np.random.default_rng([seed, i]).permutation(len(ids))
-    passages = tuple(text[ids[j]] for j in order)
-    doc_ids = [prompts.encode_document(tokenizer, p, max_context_len, index=n + 1)[0]
+  for i, (r, row) in enumerate(zip(records, hits)):
+    if selection == "reference":
+      passages = tuple(text[h] for h in row)
+    else:
+      ids = [r.passage_id] + [h for h in row if h != r.passage_id][:k - 1]
+      passages = tuple(text[ids[j]] for j in np.random.default_rng([seed, i]).permutation(len(ids)))
+    doc_ids = [prompts.encode_document(tokenizer, p, max_context_len, index=n + first)[0]
                for n, p in enumerate(passages)]
     # ICL prompts hold each passage cut as its gradient sees it (as RAG does).
     in_prompt = [prompts.truncate_text(tokenizer, p, max_context_len) for p in passages]
@@ -83,6 +99,23 @@ def build_tasks(records, documents, tokenizer, *, k: int, mode: str,
     tasks.append(Task(r.id, r.question, tuple(r.answers), passages, doc_ids,
                       qa_ids, n_prompt))
   return tasks
+
+
+def split_tasks(config, split: str, tokenizer, *, start: int = 0, num: int = -1,
+                **task_kw) -> dict[str, list[Task]]:
+  """{domain: tasks} of a config's split: records start .. start+num (-1 = all)
+  of each domain (data.domains), with BM25 neighbours from that domain's own
+  passages. Held-out evaluation passes start = the questions the trainer
+  selected its checkpoint on (config.meta.num_eval)."""
+  docs, records = data_lib.load_split(config, split)
+  out = {}
+  for name in data_lib.domains(config):
+    recs = [r for r in records if r.domain == name]
+    gold = {r.passage_id for r in recs}
+    own = docs if len(recs) == len(records) else [d for d in docs if d.id in gold]
+    out[name] = build_tasks(recs[start:] if num < 0 else recs[start:start + num], own,
+                            tokenizer, **task_kw)
+  return out
 
 
 def collate(tasks: list[Task], *, doc_buckets, qa_buckets, pad_id: int) -> dict:

@@ -26,6 +26,7 @@ from regrad_jax import batching
 from regrad_jax import data as data_lib
 from regrad_jax import fingerprint
 from regrad_jax import parallel
+from regrad_jax import prompts
 from regrad_jax.eval import metrics
 from regrad_jax.meta import objective
 from regrad_jax.meta import state as state_lib
@@ -77,12 +78,35 @@ def make_step(mesh, tx, **objective_kw):
   return step
 
 
-def batch_indices(seed: int, step: int, batch_size: int, n: int) -> np.ndarray:
-  """Task indices of a step: epoch-wise permutations, a pure function of step."""
+def batch_indices(seed: int, step: int, batch_size: int, sizes,
+                  weights=None) -> np.ndarray:
+  """Task indices of a step, a pure function of (seed, step).
+
+  sizes: tasks per domain (an int: one domain); the returned indices run over
+  the domains' tasks concatenated in that order. Each slot of the run draws its
+  domain with probabilities `weights` (None: proportional to sizes; one domain
+  always draws 0), then takes the next task of that domain's own epoch-wise
+  permutations, so every domain is covered once per its epoch.
+  """
+  sizes = np.atleast_1d(np.asarray(sizes, np.int64))
+  p = sizes / sizes.sum() if weights is None else np.asarray(weights, np.float64)
+  first, last = step * batch_size, (step + 1) * batch_size
+  if len(sizes) == 1:
+    domain = np.zeros(last, np.int64)
+  else:  # Blocks of draws: slot i's domain does not depend on the run's length.
+    block = 4096
+    draws = np.concatenate([np.random.default_rng([seed, 1, b]).random(block)
+                            for b in range(-(-last // block))])[:last]
+    domain = np.minimum(np.searchsorted(np.cumsum(p), draws, side="right"),
+                        len(sizes) - 1)
+  offset = np.concatenate([[0], np.cumsum(sizes)[:-1]])
   out = []
-  for i in range(step * batch_size, (step + 1) * batch_size):
-    epoch, pos = divmod(i, n)
-    out.append(np.random.default_rng([seed, epoch]).permutation(n)[pos])
+  for i in range(first, last):
+    d = domain[i]
+    pos = int(np.sum(domain[:i] == d))  # Earlier slots that drew domain d.
+    epoch, pos = divmod(pos, int(sizes[d]))
+    rng = np.random.default_rng([seed, epoch] if d == 0 else [seed, epoch, 1, int(d)])
+    out.append(offset[d] + rng.permutation(int(sizes[d]))[pos])
   return np.asarray(out)
 
 
@@ -128,11 +152,21 @@ def evaluate(params, meta, tasks, tokenizer, *, config, lora_config, data_cfg,
         params, meta, b["doc_tokens"], b["doc_mask"], prompt, pmask, config=config,
         lora_config=lora_config, max_new_tokens=max_new_tokens))
     n = min(batch_size, len(tasks) - i)
-    preds += [tokenizer.decode(row).strip() for row in out[:n]]
+    preds += [prompts.extract_answer(tokenizer, tokenizer.decode(row)) for row in out[:n]]
     golds += [t.answers for t in chunk[:n]]
     task_loss += list(parallel.to_host(task_losses(
         params, meta, b, config=config, lora_config=lora_config))[:n])
   return {**metrics.aggregate(preds, golds), "loss": float(np.mean(task_loss))}
+
+
+def evaluate_domains(params, meta, dev_tasks: dict, tokenizer, **kw) -> dict:
+  """`evaluate` per domain; em/f1/loss at the top level are the domains' means
+  (checkpoint selection weighs every domain equally), per domain under "domains"."""
+  per = {name: evaluate(params, meta, tasks, tokenizer, **kw)
+         for name, tasks in dev_tasks.items()}
+  mean = {key: float(np.mean([d[key] for d in per.values()]))
+          for key in ("em", "f1", "loss")}
+  return {**mean, "domains": per} if len(per) > 1 else next(iter(per.values()))
 
 
 def _check_finite(step: int, m: dict) -> None:
@@ -161,19 +195,21 @@ def train(config, workdir, stop_after: int | None = None) -> dict:
     raise ValueError(f"meta.batch_size={mc.batch_size} must divide over "
                      f"{mesh.shape[parallel.DATA]} data-parallel devices")
 
-  train_docs, train_recs = data_lib.load_split(config, "train")
-  if mc.num_train_tasks > 0:
-    train_recs = train_recs[:mc.num_train_tasks]
   task_kw = dict(k=mc.k, mode=mc.mode, max_context_len=dc.max_context_len,
-                 seed=config.seed)
-  train_tasks = tasks_lib.build_tasks(train_recs, train_docs, tokenizer, **task_kw)
-  dev_tasks = []
+                 seed=config.seed, selection=mc.tasks)
+  names = data_lib.domains(config)
+  train_tasks, dev_tasks = tasks_lib.split_tasks(
+      config, "train", tokenizer, num=mc.num_train_tasks if mc.num_train_tasks > 0 else -1,
+      **task_kw), {}
   if mc.eval_every > 0 and mc.num_eval > 0:
-    dev_docs, dev_recs = data_lib.load_split(config, "dev")
-    dev_tasks = tasks_lib.build_tasks(dev_recs[:mc.num_eval], dev_docs, tokenizer,
+    dev_tasks = tasks_lib.split_tasks(config, "dev", tokenizer, num=mc.num_eval,
                                       **task_kw)
-  logging.info("%d train tasks, %d dev tasks, LoRA %s", len(train_tasks),
-               len(dev_tasks), lcfg)
+  sizes = [len(train_tasks[n]) for n in names]
+  weights = data_lib.domain_weights(config)
+  train_tasks = [t for n in names for t in train_tasks[n]]
+  logging.info("train tasks %s (weights %s), dev tasks %s, LoRA %s",
+               dict(zip(names, sizes)), weights,
+               {n: len(t) for n, t in dev_tasks.items()}, lcfg)
 
   if mc.init_from:
     theta, alpha, _ = state_lib.load(mc.init_from)
@@ -205,8 +241,13 @@ def train(config, workdir, stop_after: int | None = None) -> dict:
   info = {
       "lora": {"rank": lcfg.rank, "alpha": lcfg.alpha, "start": lcfg.start,
                "stop": lcfg.stop, "targets": list(lcfg.targets)},
-      "alpha_mode": mc.alpha_mode, "mode": mc.mode,
+      "alpha_mode": mc.alpha_mode, "mode": mc.mode, "tasks": mc.tasks,
+      "prompt_style": prompts.style(tokenizer),
       "first_order": bool(mc.first_order),
+      # What the state was trained on (serve it with the same K and lengths).
+      "k": int(mc.k), "max_context_len": int(dc.max_context_len),
+      "domains": dict(zip(names, sizes)), "weights": weights,
+      "init_from": str(mc.init_from),
       "base_fingerprint": base_fingerprint,
       "tokenizer_fingerprint": tokenizer.fingerprint(),
       "config": json.loads(config.to_json_best_effort()),
@@ -219,6 +260,11 @@ def train(config, workdir, stop_after: int | None = None) -> dict:
     dev = json.loads((workdir / "meta_state" / "info.json").read_text()).get("dev", {})
     best = (dev.get("f1", -1.0), -dev.get("loss", np.inf))
   log = open(workdir / "metrics.jsonl", "a") if parallel.is_chief() else None
+  if dev_tasks and start == 0 and mc.init_from:  # Where the curve starts.
+    dev0 = evaluate_domains(params, meta, dev_tasks, tokenizer, **eval_kw)
+    logging.info("step 0 dev %s", dev0)
+    if log:
+      log.write(json.dumps({"step": 0, "dev": dev0}) + "\n")
   bar = tqdm(range(start, mc.num_steps), initial=start, total=mc.num_steps,
              desc="meta-train", disable=not parallel.is_chief())
   last = {}
@@ -227,7 +273,7 @@ def train(config, workdir, stop_after: int | None = None) -> dict:
       manager.save(step, args=ocp.args.StandardSave(
           {"meta": meta, "opt_state": opt_state}))
       break
-    idx = batch_indices(config.seed, step, mc.batch_size, len(train_tasks))
+    idx = batch_indices(config.seed, step, mc.batch_size, sizes, weights)
     batch = tasks_lib.collate([train_tasks[i] for i in idx], doc_buckets=dc.doc_buckets,
                               qa_buckets=dc.qa_buckets, pad_id=tokenizer.pad_id)
     batch = parallel.global_array(batch, parallel.data_sharded(mesh))
@@ -243,7 +289,7 @@ def train(config, workdir, stop_after: int | None = None) -> dict:
     bar.set_postfix(loss=f"{m['loss']:.3f}", gnorm=f"{m['grad_norm']:.2f}",
                     alpha=f"{m['alpha_mean']:.2e}")
     if dev_tasks and ((step + 1) % mc.eval_every == 0 or step + 1 == mc.num_steps):
-      m["dev"] = evaluate(params, meta, dev_tasks, tokenizer, **eval_kw)
+      m["dev"] = evaluate_domains(params, meta, dev_tasks, tokenizer, **eval_kw)
       logging.info("step %d dev %s", step + 1, m["dev"])
       score = (m["dev"]["f1"], -m["dev"]["loss"])
       if score > best:  # orbax saves are collective: all processes.

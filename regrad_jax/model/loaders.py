@@ -32,6 +32,7 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 
 from regrad_jax import fingerprint
+from regrad_jax import prompts
 from regrad_jax.model import gguf_tokenizer
 from regrad_jax.model import transformer
 from regrad_jax.model.config import ModelConfig, tiny_config
@@ -402,10 +403,19 @@ def load_model(model_cfg) -> tuple[dict, ModelConfig, object]:
 
   Args:
     model_cfg: config.model: source ("tiny" | "smollm2_135m" | "hf" | "gguf"),
-      path (for hf / gguf), dtype (compute dtype), max_seq_len.
+      path (for hf / gguf), dtype (compute dtype), max_seq_len, prompt_style.
   Returns:
-    (params, ModelConfig, tokenizer).
+    (params, ModelConfig, tokenizer); the tokenizer carries the prompt style
+    (regrad_jax/prompts.py) so that every formatting call sees it.
   """
+  params, config, tokenizer = _load_model(model_cfg)
+  tokenizer.prompt_style = model_cfg.get("prompt_style", "auto")
+  prompts.style(tokenizer)  # Refuses an unknown style here, once.
+  return params, config, tokenizer
+
+
+def _load_model(model_cfg) -> tuple[dict, ModelConfig, object]:
+  """load_model without the prompt style."""
   source, dtype = model_cfg.source, model_cfg.get("dtype", "float32")
   path = model_cfg.get("path", "")
   if source in ("hf", "gguf") and not path:

@@ -1,0 +1,28 @@
+"""A general SmolLM2-135M meta-state: cpkc + squad mixed, K=3 passages of 128 tokens.
+
+The released `smollm2_135m_general` comes from this config (see
+regrad_jax/released/README.md for the exact command and its dev curve):
+
+  python -m launch.meta_train --config=configs/smollm2_general.py \
+      --config.meta.init_from=regrad_jax/released/smollm2_135m_cpkc --workdir=/tmp/general
+
+Each step draws its 4 tasks from cpkc (counterfactual "who" questions) and squad
+(what / when / how many questions on Wikipedia paragraphs) with equal weight;
+dev F1 is measured per domain and the checkpoint is chosen on their mean (on the
+first 32 dev questions of each, which are then not the ones reported).
+"""
+from configs import common
+from configs import smollm2_cpkc
+
+
+def get_config(arg=None):
+  opts = common.parse_arg(arg, steps=1500, k=3, batch=4, ctx=128, lr=1e-3)
+  c = smollm2_cpkc.get_config(f"steps={opts.steps},k={opts.k},batch={opts.batch},"
+                              f"ctx={opts.ctx}")
+  c.data.name = "cpkc+squad"
+  c.data.weights = (0.5, 0.5)
+  c.meta.lr = opts.lr
+  c.meta.eval_every = 50
+  c.meta.num_eval = 32  # Per domain.
+  c.adapt.k = opts.k  # Served as trained.
+  return c
