@@ -89,6 +89,9 @@ def base() -> mlc.ConfigDict:
   # Gradients of the raw document text (as the reference banks) instead of
   # "Passage 1: <text>" (what the meta-learner's passages look like).
   c.bank.raw_text = False
+  # Token limit of a banked document; 0 = data.max_context_len (what meta-training
+  # saw). The reference banks 2,048 tokens after training on 1,536.
+  c.bank.max_context_len = 0
 
   # --- Retrieval (regrad_jax/retrieval) ---------------------------------------
   c.retrieval = mlc.ConfigDict()

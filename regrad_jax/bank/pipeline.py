@@ -32,7 +32,8 @@ def make_computer(config, params, model_cfg, tokenizer, theta, lora_config
   return GradientComputer(
       params, theta, model_config=model_cfg, lora_config=lora_config,
       tokenizer=tokenizer, codec=codecs.from_config(config.bank),
-      max_len=config.data.max_context_len, buckets=config.data.doc_buckets,
+      max_len=config.bank.max_context_len or config.data.max_context_len,
+      buckets=config.data.doc_buckets,
       batch_size=config.bank.batch_size, raw_text=config.bank.raw_text)
 
 
