@@ -243,9 +243,13 @@ def test_resolve_root_order(tmp_path, monkeypatch, data_root):
   # 4. The developers' sibling folder.
   sibling.mkdir()
   assert data.resolve_root(_config()) == sibling
-  # 3. A completed preparation in the cache wins over the sibling.
+  # 3. A completed preparation in the cache wins over the sibling; an older one
+  # (before squad/ was added) does not.
   (cache / "data").mkdir(parents=True)
-  (cache / "data" / prepare.MARKER).write_text("")
+  (cache / "data" / prepare.MARKER).write_text("cpkc/train.jsonl\ncpkc/dev.jsonl\n")
+  assert data.resolve_root(_config()) == sibling
+  assert prepare.missing_outputs(cache / "data")[:2] == ["cpkc/test.jsonl", "squad/train.jsonl"]
+  (cache / "data" / prepare.MARKER).write_text("\n".join(prepare.REQUIRED) + "\n")
   assert data.resolve_root(_config()) == cache / "data"
   # 2. $REGRAD_DATA; 1. config.data.root.
   monkeypatch.setenv("REGRAD_DATA", str(data_root))
@@ -352,6 +356,59 @@ def test_parsers():
   assert [r["id"] for r in wiki] == ["cell-biology", "cell-biology-2", "untitled"]
 
 
+@pytest.fixture
+def squad_tasks(tmp_path):
+  """Tiny disfl_qa and question_selection task.json files, in the sdist's formats."""
+  disfl = [
+      # Whitespace-tokenised passage: the raw SQuAD answer needs the \s* match.
+      {"input": "How many coins did Zed no Ann win ?  \ncontext: Ann won 40 , 000 coins é .  ",
+       "target": "40,000"},
+      {"input": "Who won no when ?\ncontext: Ann won .", "target": "unknown"},  # Unanswerable.
+      {"input": "Who won ?\ncontext: Ann won .", "target": "Ann"},
+      {"input": "Who lost ?\ncontext: Ann won .", "target": "Bo"},  # Not in the passage.
+  ]
+  qsel = [
+      {"input": "Short Answer: 1998 Context: Founded in 1998 by Ann. ",
+       "target_scores": {"When was it founded?": 1, "Who founded it?": 0}},
+      {"input": "Short Answer: 1998 Context: Founded in 1998 by Ann. ",
+       "target_scores": {"When was it founded?": 1, "Who founded it?": 0}},  # Duplicate.
+      {"input": "Short Answer:  Ann  Context: Founded in 1998 by Ann.",
+       "target_scores": {"Who founded it?": 1}},
+  ]
+  tasks = {}
+  for name, examples in (("disfl_qa", disfl), ("question_selection", qsel)):
+    path = tmp_path / "tasks" / name / "task.json"
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps({"name": name, "examples": examples}), encoding="utf-8")
+    tasks[name] = json.loads(path.read_text(encoding="utf-8"))["examples"]
+  return tasks
+
+
+def test_squad_rows(squad_tasks):
+  rows = prepare.squad_rows(squad_tasks["disfl_qa"], squad_tasks["question_selection"])
+  assert list(rows) == ["disflqa-000000", "disflqa-000002", "qsel-000000", "qsel-000002"]
+  assert rows["disflqa-000000"] == {
+      "id": "disflqa-000000", "passage": "Ann won 40 , 000 coins é .",
+      "question": "How many coins did Zed no Ann win ?", "answer": "40 , 000",
+      "answers": ["40 , 000", "40,000"], "source": "disfl_qa"}
+  assert rows["disflqa-000002"]["answers"] == ["Ann"]
+  assert rows["qsel-000000"] == {
+      "id": "qsel-000000", "passage": "Founded in 1998 by Ann.", "question":
+      "When was it founded?", "answer": "1998", "answers": ["1998"],
+      "source": "question_selection"}
+  assert rows["qsel-000002"]["answer"] == "Ann" and rows["qsel-000002"]["passage"] == (
+      rows["qsel-000000"]["passage"])
+  assert prepare.answer_span("a.b", "axb") is None  # Characters are escaped.
+  assert prepare.answer_span(" ", "a b") is None
+  with pytest.raises(ValueError, match="disfl_qa example 0"):
+    prepare.squad_rows([{"input": "Q ? context: P", "target": "P"}], [])
+  with pytest.raises(ValueError, match="question_selection example 0: 2 questions"):
+    prepare.squad_rows([], [{"input": "Short Answer: a Context: a", "target_scores":
+                             {"q1": 1, "q2": 1}}])
+  with pytest.raises(ValueError, match="question_selection example 0: input"):
+    prepare.squad_rows([], [{"input": "Answer: a Context: a", "target_scores": {"q": 1}}])
+
+
 def _targz(path: pathlib.Path, files: dict[str, bytes]) -> str:
   with tarfile.open(path, "w:gz") as tf:
     for name, content in files.items():
@@ -361,7 +418,7 @@ def _targz(path: pathlib.Path, files: dict[str, bytes]) -> str:
   return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def test_prepare_offline_round_trip(tmp_path, monkeypatch):
+def test_prepare_offline_round_trip(tmp_path, monkeypatch, squad_tasks):
   """prepare() on fake packages already in the download cache: exact output bytes."""
   downloads, out, ids = tmp_path / "dl", tmp_path / "out", tmp_path / "ids"
   downloads.mkdir()
@@ -369,18 +426,22 @@ def test_prepare_offline_round_trip(tmp_path, monkeypatch):
       {"input": f"\nQuestion: q{i}?\nContext: Zed{i} did it é.", "target": f"Zed{i}",
        "target_scores": {f"Zed{i}": 1, f"Real{i}": 0}} for i in range(5)]}).encode()
   wd_task = json.dumps({"examples": [{"input": "The language of X is", "target": "Erse"}]}).encode()
-  bb_sha = _targz(downloads / "bb.tar.gz", {prepare.CPKC_TASK: cpkc_task,
-                                            prepare.WIKIDATA_TASK: wd_task, "other": b"x"})
+  disfl_task, qsel_task = (json.dumps({"examples": squad_tasks[name]}).encode()
+                           for name in ("disfl_qa", "question_selection"))
+  tasks = {prepare.CPKC_TASK: cpkc_task, prepare.WIKIDATA_TASK: wd_task,
+           prepare.DISFL_TASK: disfl_task, prepare.QSEL_TASK: qsel_task}
+  bb_sha = _targz(downloads / "bb.tar.gz", {**tasks, "other": b"x"})
   with zipfile.ZipFile(downloads / "ovos.whl", "w") as zf:
     zf.writestr(prepare.WIKI_MEMBER, json.dumps(
         {"0": {"title": "Øre", "extract": "A coin.", "description": "d", "topic": "T"}}))
   sotu = {prepare.SOTU_DIR + "1791_b_n.txt": b"Second.\r\n", prepare.SOTU_DIR + "1790_a_n.txt":
           b"First\x02."}
   std_sha = _targz(downloads / "std.tgz", {prepare.MOBY_MEMBER: b"Call me Ishmael.\n", **sotu})
-  for split, lines in (("train", "cpkc-000003\ncpkc-000000\n"), ("dev", "cpkc-000004\n"),
-                       ("test", "cpkc-000001\n")):
-    ids.mkdir(exist_ok=True)
-    (ids / f"cpkc_{split}.txt").write_text(lines)
+  ids.mkdir()
+  for name, lines in (("cpkc_train", "cpkc-000003\ncpkc-000000\n"), ("cpkc_dev", "cpkc-000004\n"),
+                      ("cpkc_test", "cpkc-000001\n"), ("squad_train", "qsel-000002\ndisflqa-000002\n"),
+                      ("squad_dev", "disflqa-000000\n")):
+    (ids / f"{name}.txt").write_text(lines)
 
   def row(i):
     return json.dumps({"id": f"cpkc-{i:06d}", "passage": f"Zed{i} did it é.", "question":
@@ -389,6 +450,15 @@ def test_prepare_offline_round_trip(tmp_path, monkeypatch):
   expected = {
       "cpkc/train.jsonl": (row(3) + row(0)).encode(),
       "cpkc/dev.jsonl": row(4).encode(), "cpkc/test.jsonl": row(1).encode(),
+      "squad/train.jsonl": '{"id": "qsel-000002", "passage": "Founded in 1998 by Ann.", '
+                           '"question": "Who founded it?", "answer": "Ann", "answers": ["Ann"], '
+                           '"source": "question_selection"}\n{"id": "disflqa-000002", "passage": '
+                           '"Ann won .", "question": "Who won ?", "answer": "Ann", "answers": '
+                           '["Ann"], "source": "disfl_qa"}\n'.encode(),
+      "squad/dev.jsonl": '{"id": "disflqa-000000", "passage": "Ann won 40 , 000 coins é .", '
+                         '"question": "How many coins did Zed no Ann win ?", "answer": "40 , '
+                         '000", "answers": ["40 , 000", "40,000"], "source": "disfl_qa"}\n'
+                         .encode(),
       "wikidata_probe.jsonl": b'{"id": "wikidata-000000", "prompt": "The language of X is", '
                               b'"answers": ["Erse"]}\n',
       "wiki_summaries.jsonl": '{"id": "ore", "title": "Øre", "text": "A coin.", "description": '
@@ -403,8 +473,7 @@ def test_prepare_offline_round_trip(tmp_path, monkeypatch):
   monkeypatch.setattr(prepare, "OVOS", prepare.Source(
       "ovos", "ovos.whl", sha((downloads / "ovos.whl").read_bytes())))
   monkeypatch.setattr(prepare, "STDLIB", prepare.Source("std", "std.tgz", std_sha))
-  monkeypatch.setattr(prepare, "TASK_SHA256", {prepare.CPKC_TASK: sha(cpkc_task),
-                                               prepare.WIKIDATA_TASK: sha(wd_task)})
+  monkeypatch.setattr(prepare, "TASK_SHA256", {k: sha(v) for k, v in tasks.items()})
   monkeypatch.setattr(prepare, "EXPECTED_SHA256", {k: sha(v) for k, v in expected.items()})
   monkeypatch.setattr(prepare, "_run", lambda *a, **k: pytest.fail("tried to download"))
   monkeypatch.setattr(prepare.shutil, "which", lambda name: "/usr/bin/npm")
@@ -413,12 +482,13 @@ def test_prepare_offline_round_trip(tmp_path, monkeypatch):
   for rel, content in expected.items():
     assert (out / rel).read_bytes() == content, rel
   assert (out / prepare.MARKER).read_text().split() == list(expected)
+  assert prepare.is_prepared(out)
   assert data.load_split(_config(name="cpkc", root=str(out)), "train")[1][0].id == "cpkc-000003"
 
   # Without npm the general text is skipped; the rest is complete.
   monkeypatch.setattr(prepare.shutil, "which", lambda name: None)
   prepare.prepare(tmp_path / "no_npm", downloads)
-  assert (tmp_path / "no_npm" / prepare.MARKER).read_text().split() == list(expected)[:5]
+  assert (tmp_path / "no_npm" / prepare.MARKER).read_text().split() == list(expected)[:7]
   assert not (tmp_path / "no_npm" / "general_text").exists()
 
   # A changed upstream file is refused, and the marker is withdrawn.
@@ -466,10 +536,15 @@ def test_pip_download_falls_back_to_older_pip(tmp_path, monkeypatch):
 
 
 def test_id_lists_ship_ids_only():
-  for split, n in (("train", 11_899), ("dev", 500), ("test", 1_000)):
-    ids = prepare.read_id_list(prepare.IDS_DIR / f"cpkc_{split}.txt")
+  for name, n, pattern in (("cpkc_train", 11_899, r"cpkc-\d{6}"), ("cpkc_dev", 500, r"cpkc-\d{6}"),
+                           ("cpkc_test", 1_000, r"cpkc-\d{6}"),
+                           ("squad_train", 4_495, r"(disflqa|qsel)-\d{6}"),
+                           ("squad_dev", 789, r"(disflqa|qsel)-\d{6}")):
+    ids = prepare.read_id_list(prepare.IDS_DIR / f"{name}.txt")
     assert len(ids) == len(set(ids)) == n
-    assert all(re.fullmatch(r"cpkc-\d{6}", i) for i in ids)
+    assert all(re.fullmatch(pattern, i) for i in ids)
+  squad = [prepare.read_id_list(prepare.IDS_DIR / f"squad_{s}.txt") for s in prepare.SQUAD_SPLITS]
+  assert all(ids == sorted(ids) for ids in squad) and not set(squad[0]) & set(squad[1])
 
 
 # ---------------------------------------------------------------- real
@@ -489,12 +564,11 @@ def test_prepare_reproduces_shared_data(tmp_path, shared_data_dir):
   cached = (prepare.registry.cache_root() / "downloads" / prepare.BIGBENCH.filename).is_file()
   if not cached and not _can_reach_pypi():
     pytest.skip("no network and no cached downloads")
-  readme = (shared_data_dir / "README.md").read_text(encoding="utf-8")
-  table = dict(re.findall(r"^\| `([^`]+)` \|[^|]*\|[^|]*\| `([0-9a-f]{64})` \|$", readme, re.M))
-  assert len(table) == 7
   out = prepare.prepare(tmp_path / "data")
-  for rel in (out / prepare.MARKER).read_text().split():
-    assert prepare.sha256_file(out / rel) == table[rel], rel
+  written = (out / prepare.MARKER).read_text().split()
+  assert set(prepare.REQUIRED) <= set(written) <= set(prepare.EXPECTED_SHA256)
+  for rel in written:  # EXPECTED_SHA256 is the README's table (tests/real/test_prepare_real.py).
+    assert prepare.sha256_file(out / rel) == prepare.EXPECTED_SHA256[rel], rel
     assert (out / rel).read_bytes() == (shared_data_dir / rel).read_bytes(), rel
 
 

