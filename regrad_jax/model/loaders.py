@@ -410,7 +410,7 @@ def load_model(model_cfg) -> tuple[dict, ModelConfig, object]:
   path = model_cfg.get("path", "")
   if source in ("hf", "gguf") and not path:
     raise ValueError(f"config.model.source={source!r} needs config.model.path, e.g. "
-                     "--config=configs/llama3_2_1b.py:path=/path/to/folder")
+                     "--config=configs/llama3.py:variant=1b,path=/path/to/folder")
   if source == "tiny":
     config = tiny_config()
     # The random tiny model's weights are its identity: one seed, in the config.
