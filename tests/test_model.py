@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import PartitionSpec as P
 
 from regrad_jax import parallel
 from regrad_jax.model import loaders, sampling
@@ -225,8 +226,15 @@ def test_sharded_forward_equals_unsharded():
   params, tokens = tiny_params(), tiny_tokens(batch=4)
   want = np.asarray(apply(params, tokens, config=CFG))
   mesh = parallel.make_mesh(data=2, model=2)
-  sharded = parallel.shard_params(params, mesh)
-  assert parallel.MODEL in sharded["layers"]["gate"].sharding.spec
+  sharded = parallel.shard_params(params, mesh, transformer.logical_axes(CFG))
+  for name in ("q", "k", "v", "gate", "up"):  # Output features over "model".
+    assert sharded["layers"][name].sharding.spec == P(None, None, parallel.MODEL)
+  for name in ("o", "down"):  # Input features over "model".
+    assert sharded["layers"][name].sharding.spec == P(None, parallel.MODEL, None)
+  # The vocabulary axis goes over "model" unless it does not divide (259 rows).
+  assert parallel.param_specs(transformer.logical_axes(CFG))["embed"] == P(parallel.MODEL, None)
+  assert sharded["embed"].sharding.spec == P(None, None)
+  assert sharded["final_norm"].sharding.spec == P(None)
   got = apply(sharded, jax.device_put(tokens, parallel.data_sharded(mesh)), config=CFG)
   np.testing.assert_allclose(np.asarray(got), want, rtol=0, atol=1e-5)
 

@@ -1,7 +1,8 @@
-"""Real weights into the pure-function decoder: Hugging Face folders, GGUF files.
+"""Real weights into the Flax decoder's param tree: Hugging Face folders, GGUF files.
 
 Every loader returns `(params, ModelConfig, tokenizer)`, with params in the layout
-of transformer.py (x @ W, the L layers stacked on a leading axis), float32 jax
+of transformer.Decoder (x @ W, the L layers stacked on a leading axis: what
+`Decoder(config).apply({"params": params}, ...)` takes), float32 jax
 arrays whatever the file stores (bf16 safetensors and quantized GGUF are widened;
 `dtype` only sets the compute dtype). Checkpoints store projections as (out, in)
 rows, as `torch.nn.Linear` does; they are transposed here.
