@@ -14,7 +14,6 @@ INSTALL_REQUIRES = [
     "flax==0.12.8",
     "optax==0.2.8",
     "orbax-checkpoint==0.12.8",
-    "transformers==5.24.0",
     "tensorstore==0.1.86",
     "scann==1.4.2",
     "ml-collections==1.1.0",
@@ -33,8 +32,10 @@ TEST_REQUIRES = [
     "pytest==9.2.0",
     "pytest-xdist==3.8.0",
     "chex==0.1.92",
-    # Parity tests against the PyTorch reference implementation. 2.13.0 is a CPU
-    # build on these machines' disk; a looser pin would pull a CUDA build.
+    # Parity tests against the PyTorch reference implementation (the package
+    # itself never imports either). torch 2.13.0 is a CPU build on these
+    # machines' disk; a looser pin would pull a CUDA build.
+    "transformers==5.24.0",
     "torch==2.13.0",
     "nbclient==0.11.0",
     "nbformat==5.11.1",

@@ -156,14 +156,41 @@ def base() -> mlc.ConfigDict:
   return c
 
 
-def parse_arg(arg: str | None, **defaults):
-  """Parses "runlocal,steps=10" into a ConfigDict of typed options."""
+_TRUE, _FALSE = ("true", "1"), ("false", "0")
+
+
+def parse_arg(arg: str | None, name: str, /, **defaults) -> mlc.ConfigDict:
+  """Parses "runlocal,steps=10" into a ConfigDict of typed options.
+
+  Args:
+    arg: the text after the config path's ':' (None or "" = all defaults).
+    name: the config's name, for error messages (e.g. "configs/tiny.py").
+    **defaults: every accepted option with its default; the default's type is
+      the option's type. A boolean option reads `x`, `x=True|False`, `x=1|0`.
+  Raises:
+    ValueError: an option that is not in `defaults`, or a value that does not
+      parse as its default's type, naming the option and the config.
+  """
   out = mlc.ConfigDict(defaults)
   for item in filter(None, (arg or "").split(",")):
-    key, _, value = item.partition("=")
-    if not value:
-      out[key] = True
+    key, eq, value = item.partition("=")
+    if key not in defaults:
+      known = ", ".join(sorted(defaults)) or "none"
+      raise ValueError(f"{name}: unknown option {key!r} in {arg!r}; known: {known}")
+    default = defaults[key]
+    if isinstance(default, bool):
+      if not eq:
+        value = "true"
+      if value.lower() not in _TRUE + _FALSE:
+        raise ValueError(f"{name}: option {key!r} is a boolean; got {value!r} "
+                         "(use True, False, 1 or 0)")
+      out[key] = value.lower() in _TRUE
       continue
-    default = defaults.get(key)
-    out[key] = type(default)(value) if default is not None and not isinstance(default, bool) else value
+    if not eq:
+      raise ValueError(f"{name}: option {key!r} needs a value ({key}=...)")
+    try:
+      out[key] = type(default)(value)
+    except ValueError as e:
+      raise ValueError(f"{name}: option {key!r} expects a {type(default).__name__}, "
+                       f"got {value!r}") from e
   return out

@@ -6,7 +6,7 @@ from configs import common
 
 
 def get_config(arg=None):
-  del arg
+  common.parse_arg(arg, "configs/smollm2_135m.py")  # No options.
   c = common.base()
   c.model.source = "smollm2_135m"  # registry.fetch + load_gguf (dequantized fp32).
   c.lora.rank = 16

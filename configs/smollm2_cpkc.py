@@ -10,7 +10,8 @@ from configs import common
 
 
 def get_config(arg=None):
-  opts = common.parse_arg(arg, steps=300, k=3, batch=4, ctx=128, mode="blind")
+  opts = common.parse_arg(arg, "configs/smollm2_cpkc.py", steps=300, k=3, batch=4,
+                          ctx=128, mode="blind")
   c = common.base()
   c.model.source = "smollm2_135m"
   c.lora.rank = 16

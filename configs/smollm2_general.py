@@ -16,7 +16,7 @@ from configs import smollm2_cpkc
 
 
 def get_config(arg=None):
-  opts = common.parse_arg(arg, steps=1500, k=3, batch=4, ctx=128, lr=1e-3)
+  opts = common.parse_arg(arg, "configs/smollm2_general.py", steps=1500, k=3, batch=4, ctx=128, lr=1e-3)
   c = smollm2_cpkc.get_config(f"steps={opts.steps},k={opts.k},batch={opts.batch},"
                               f"ctx={opts.ctx}")
   c.data.name = "cpkc+squad"

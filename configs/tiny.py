@@ -6,7 +6,7 @@ from configs import common
 
 
 def get_config(arg=None):
-  opts = common.parse_arg(arg, steps=20)
+  opts = common.parse_arg(arg, "configs/tiny.py", steps=20)
   c = common.base()
   c.model.source = "tiny"
   c.model.max_seq_len = 256

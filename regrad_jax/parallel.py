@@ -3,13 +3,15 @@
 A 2-D mesh ("data", "model") is built from the config. Documents, tasks and queries
 are split over "data"; large weight matrices may be split over "model" by the
 logical-axis rules below (on a single CPU or GPU "model" has size 1 and every
-parameter is replicated). Mesh axes are Auto (the sharding-in-types Explicit mode
+parameter is replicated): each param carries logical axis names
+(nn.with_logical_partitioning in model/transformer.py) and LOGICAL_RULES maps
+them onto the mesh. Mesh axes are Auto (the sharding-in-types Explicit mode
 changes the semantics of shard_map and sharding constraints, and this code relies
 on jit's propagation from in/out shardings).
 """
 import os
-import re
 
+import flax.linen as nn
 import jax
 import numpy as np
 from absl import logging
@@ -17,13 +19,16 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 DATA, MODEL = "data", "model"
 
-# Regex on the '/'-joined param path -> PartitionSpec. First match wins.
-PARAM_RULES = (
-    (r"^embed$", P(MODEL, None)),
-    (r"^lm_head$", P(None, MODEL)),
-    (r"^layers/(q|k|v|gate|up)$", P(None, None, MODEL)),
-    (r"^layers/(o|down)$", P(None, MODEL, None)),
-    (r".*", P()),
+# Logical axis name (the decoder's param annotations, transformer.logical_axes)
+# -> mesh axis, the t5x / MaxText way: vocabulary, attention heads and the MLP
+# width split over "model"; the residual width and the layer stack stay whole.
+LOGICAL_RULES = (
+    ("vocab", MODEL),
+    ("heads", MODEL),
+    ("kv", MODEL),
+    ("mlp", MODEL),
+    ("embed", None),
+    ("layers", None),
 )
 
 
@@ -65,23 +70,14 @@ def mesh_from_config(config) -> Mesh:
   return make_mesh(int(config.mesh.data), int(config.mesh.model))
 
 
-def _path_str(path) -> str:
-  return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+def param_specs(logical, rules=LOGICAL_RULES):
+  """Logical axis names (a PartitionSpec of names per leaf, as from
+  transformer.logical_axes) -> mesh PartitionSpecs by `rules`."""
+  return jax.tree.map(lambda names: nn.logical_to_mesh_axes(names, rules), logical,
+                      is_leaf=lambda x: isinstance(x, P))
 
 
-def param_specs(params, rules=PARAM_RULES):
-  """A PartitionSpec per leaf from the regex rules (dimensions that do not divide
-  the axis size stay replicated)."""
-  def spec(path, leaf):
-    name = _path_str(path)
-    for pattern, s in rules:
-      if re.match(pattern, name):
-        return s
-    return P()
-  return jax.tree_util.tree_map_with_path(spec, params)
-
-
-def param_shardings(params, mesh: Mesh, rules=PARAM_RULES):
+def param_shardings(params, mesh: Mesh, logical, rules=LOGICAL_RULES):
   """NamedShardings for params; replicated where a dim does not divide evenly."""
   def fit(leaf, spec):
     dims = list(spec) + [None] * (leaf.ndim - len(spec))
@@ -89,7 +85,7 @@ def param_shardings(params, mesh: Mesh, rules=PARAM_RULES):
       if axis is not None and leaf.shape[i] % mesh.shape[axis]:
         dims[i] = None
     return NamedSharding(mesh, P(*dims))
-  return jax.tree.map(fit, params, param_specs(params, rules))
+  return jax.tree.map(fit, params, param_specs(logical, rules))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -117,9 +113,10 @@ def to_host(x: jax.Array) -> np.ndarray:
   return np.asarray(x if x.is_fully_addressable else x.addressable_data(0))
 
 
-def shard_params(params, mesh: Mesh):
-  """Places params on the mesh by the rules (a new tree; the input is untouched)."""
-  return jax.device_put(params, param_shardings(params, mesh))
+def shard_params(params, mesh: Mesh, logical):
+  """Places params on the mesh by their logical axes and the rules (a new tree;
+  the input is untouched). logical: e.g. transformer.logical_axes(config)."""
+  return jax.device_put(params, param_shardings(params, mesh, logical))
 
 
 def process_slice(n: int) -> slice:

@@ -328,6 +328,26 @@ def test_bf16_safetensors_become_float32(tmp_path):
       weights["model.layers.1.self_attn.v_proj.weight"].astype(np.float32).T)
 
 
+# Base fingerprints of these folders (hf_weights seed 3) as computed by the
+# pre-Flax, hand-written-dict decoder (commit 2b83205): released meta-states and
+# banks record such fingerprints, so the Flax param tree must hash the same.
+_LEGACY_FINGERPRINTS = {("llama", "hf"): "38f725677b0280c8",
+                        ("llama", "gguf"): "93502a1e177f2cb0",
+                        ("qwen2", "hf"): "cd03696d1d2cc42a",
+                        ("qwen2", "gguf"): "5145166754308c4e"}
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen2"])
+def test_fingerprints_match_the_legacy_param_tree(tmp_path, model_type):
+  cfg = hf_config(model_type=model_type, tie_word_embeddings=model_type == "llama",
+                  architectures=[loaders.HF_ARCHITECTURES[model_type]])
+  weights = hf_weights(cfg, seed=3)
+  hf, _, _ = loaders.load_hf(write_hf(tmp_path / "m", cfg, weights))
+  gg, _, _ = loaders.load_gguf(write_gguf(tmp_path / "m.gguf", cfg, weights))
+  assert loaders.base_fingerprint(hf) == _LEGACY_FINGERPRINTS[model_type, "hf"]
+  assert loaders.base_fingerprint(gg) == _LEGACY_FINGERPRINTS[model_type, "gguf"]
+
+
 # --------------------------------------------------------------- load_model
 
 

@@ -8,10 +8,12 @@ folder to our logits is checked against the reference implementation.
 import copy
 import functools
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import PartitionSpec as P
 
 from regrad_jax import parallel
 from regrad_jax.model import loaders, sampling
@@ -225,8 +227,15 @@ def test_sharded_forward_equals_unsharded():
   params, tokens = tiny_params(), tiny_tokens(batch=4)
   want = np.asarray(apply(params, tokens, config=CFG))
   mesh = parallel.make_mesh(data=2, model=2)
-  sharded = parallel.shard_params(params, mesh)
-  assert parallel.MODEL in sharded["layers"]["gate"].sharding.spec
+  sharded = parallel.shard_params(params, mesh, transformer.logical_axes(CFG))
+  for name in ("q", "k", "v", "gate", "up"):  # Output features over "model".
+    assert sharded["layers"][name].sharding.spec == P(None, None, parallel.MODEL)
+  for name in ("o", "down"):  # Input features over "model".
+    assert sharded["layers"][name].sharding.spec == P(None, parallel.MODEL, None)
+  # The vocabulary axis goes over "model" unless it does not divide (259 rows).
+  assert parallel.param_specs(transformer.logical_axes(CFG))["embed"] == P(parallel.MODEL, None)
+  assert sharded["embed"].sharding.spec == P(None, None)
+  assert sharded["final_norm"].sharding.spec == P(None)
   got = apply(sharded, jax.device_put(tokens, parallel.data_sharded(mesh)), config=CFG)
   np.testing.assert_allclose(np.asarray(got), want, rtol=0, atol=1e-5)
 
@@ -241,3 +250,30 @@ def test_answer_decodes_batched_greedy_continuations():
   assert tokens.shape == (2, 32) and mask[:, -1].all() and not mask[1, 0]  # Left-padded.
   with pytest.raises(ValueError, match="no prompts"):
     sampling.answer(params, CFG, tok, [], 5)
+
+
+def test_generate_batched_keeps_order_and_compiles_once_per_bucket():
+  chex.clear_trace_counter()
+
+  @jax.jit
+  @chex.assert_max_traces(n=2)  # Two buckets (32, 64) below: a third trace fails.
+  def last_token(tokens, mask):
+    return jnp.where(mask[:, -1:], tokens[:, -1:], -1)
+
+  lengths = [5, 40, 3, 60, 33, 7, 1, 64, 12, 50, 2]  # 11 prompts: batches of 4, 4, 3.
+  ids = [[100 + i] * (n - 1) + [i] for i, n in enumerate(lengths)]
+  seen = []
+
+  def run(tokens, mask, rows):
+    seen.append((tokens.shape, tuple(rows)))
+    assert all(len(ids[r]) <= tokens.shape[1] for r in rows)
+    return last_token(tokens, mask)
+
+  out = sampling.generate_batched(ids, run, pad_id=0, batch_size=4, buckets=(32, 64),
+                                  progress=False)
+  assert [int(row[0]) for row in out] == list(range(len(ids)))  # Input order.
+  assert [shape for shape, _ in seen] == [(4, 32), (4, 64), (4, 64)]
+  assert seen[-1][1][-1] == seen[-1][1][-2]  # The short batch repeats its last row.
+  with pytest.raises(AssertionError, match="max_traces"):
+    sampling.generate_batched([[1] * 90], run, pad_id=0, batch_size=4,
+                              buckets=(32, 64, 128), progress=False)

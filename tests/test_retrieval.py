@@ -2,6 +2,7 @@
 import dataclasses
 import pathlib
 
+import jax
 import numpy as np
 import pytest
 
@@ -211,6 +212,28 @@ def test_encoder_matches_torch_bert(tmp_path):
   want = torch.nn.functional.normalize(pooled, dim=-1).numpy()
   assert got.shape == (len(texts), 32) and got.dtype == np.float32
   np.testing.assert_allclose(got, want, atol=1e-4)
+
+
+def test_encoder_param_tree_is_the_flax_modules_tree():
+  enc = retrieval.Encoder.tiny(dim=32)
+  shapes = encoder_lib.param_shapes(enc.config)  # BertEncoder.init, via eval_shape.
+  assert jax.tree.structure(shapes) == jax.tree.structure(enc.params)
+  assert jax.tree.map(lambda s: s.shape, shapes) == jax.tree.map(np.shape, enc.params)
+  # A checkpoint whose tensor disagrees with config.json is refused by name.
+  tensors = {f"embeddings.{n}.weight": np.zeros(shape, np.float32) for n, shape in (
+      ("word_embeddings", (4096, 32)), ("position_embeddings", (128, 32)),
+      ("token_type_embeddings", (2, 32)), ("LayerNorm", (32,)))}
+  tensors["embeddings.LayerNorm.bias"] = np.zeros((31,), np.float32)
+  for i in range(enc.config.num_layers):
+    for ours, theirs in encoder_lib._HF_LAYER.items():
+      d_in, d_out = (64, 32) if ours == "ffn_out" else (32, 64) if ours == "ffn_in" else (32, 32)
+      tensors[f"encoder.layer.{i}.{theirs}.weight"] = np.zeros((d_out, d_in), np.float32)
+      tensors[f"encoder.layer.{i}.{theirs}.bias"] = np.zeros((d_out,), np.float32)
+    for theirs in encoder_lib._HF_LAYER_LN.values():
+      for leaf in ("weight", "bias"):
+        tensors[f"encoder.layer.{i}.{theirs}.{leaf}"] = np.ones((32,), np.float32)
+  with pytest.raises(ValueError, match=r"\['embed'\]\['ln_bias'\] has shape \(31,\)"):
+    encoder_lib.params_from_hf(tensors, enc.config)
 
 
 def test_encoder_buckets_and_order():

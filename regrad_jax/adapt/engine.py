@@ -4,8 +4,9 @@
   results = engine.answer(["Who wrote ...?"], k=3)
   results[0].answer, results[0].doc_ids, results[0].scores
 
-For each batch of queries: the retriever returns the top-k document ids; the bank
-returns sum_k g_k per query (one batched TensorStore read); one jitted call forms
+The retriever returns every query's top-k document ids; queries are then batched
+by prompt length (model.sampling.generate_batched) and for each batch the bank
+returns sum_k g_k per query (one batched TensorStore read) and one jitted call forms
 theta_q = theta* - gamma * alpha (.) sum_k g_k for every query and decodes all of
 them, each through its own adapter (online.generate_adapted). In "icl" mode the
 passages are also placed in the prompt (ReGrad + ICL). Nothing is written to the
@@ -15,7 +16,6 @@ import dataclasses
 import pathlib
 
 import numpy as np
-from tqdm import tqdm
 
 from regrad_jax import prompts as prompts_lib
 from regrad_jax.adapt import online
@@ -106,31 +106,25 @@ class ReGrad:
     if missing:
       raise KeyError(f"retrieved ids have no gradient in the bank (index and bank "
                      f"out of sync; rebuild or inject them): {missing[:10]}")
-    results = []
-    steps = range(0, len(questions), self.batch_size)
-    for s in tqdm(steps, desc="answer", disable=not progress):
-      qs, qids = list(questions[s:s + self.batch_size]), ids[s:s + self.batch_size]
-      answers = self._answer_batch(qs, qids, mode, gamma)
-      results += [Result(q, a, tuple(i), tuple(float(x) for x in sc))
-                  for q, a, i, sc in zip(qs, answers, qids, scores[s:s + len(qs)])]
-    return results
-
-  def _answer_batch(self, questions, ids_per_query, mode, gamma) -> list[str]:
-    n = len(questions)
-    pad = self.batch_size - n  # Fixed batch shape: repeat the last query.
-    questions = questions + [questions[-1]] * pad
-    ids_per_query = list(ids_per_query) + [ids_per_query[-1]] * pad
-    grad_sums = self.bank.gather_sum(ids_per_query)
+    if not questions:
+      return []
     texts = [prompts_lib.qa_prompt(
-        q, self.tokenizer, [self.texts[i] for i in ids] if mode == "icl" else None)
-             for q, ids in zip(questions, ids_per_query)]
-    tokens, mask = sampling.encode_prompts(self.tokenizer, texts)
-    out = online.generate_adapted(
-        self.params, self.theta, self.alpha, grad_sums, tokens, mask,
-        np.float32(gamma), config=self.model_config, lora_config=self.lora_config,
-        max_new_tokens=self.max_new_tokens)
-    return [prompts_lib.extract_answer(self.tokenizer, self.tokenizer.decode(row))
-            for row in np.asarray(out)[:n]]
+        q, self.tokenizer, [self.texts[i] for i in row] if mode == "icl" else None)
+             for q, row in zip(questions, ids)]
+
+    def run(tokens, mask, rows):  # Each query through its own adapter.
+      grad_sums = self.bank.gather_sum([ids[r] for r in rows])
+      return online.generate_adapted(
+          self.params, self.theta, self.alpha, grad_sums, tokens, mask,
+          np.float32(gamma), config=self.model_config, lora_config=self.lora_config,
+          max_new_tokens=self.max_new_tokens)
+
+    new = sampling.generate_batched(
+        sampling.prompt_ids(self.tokenizer, texts), run, pad_id=self.tokenizer.pad_id,
+        batch_size=self.batch_size, desc="answer", progress=progress)
+    return [Result(q, prompts_lib.extract_answer(self.tokenizer, self.tokenizer.decode(row)),
+                   tuple(i), tuple(float(x) for x in sc))
+            for q, row, i, sc in zip(questions, new, ids, scores)]
 
   def inject(self, documents, progress: bool = False):
     """Adds new documents: their gradients to the bank, their text to the index.

@@ -29,7 +29,7 @@ import numpy as np
 from regrad_jax import fingerprint
 from regrad_jax import parallel
 from regrad_jax import prompts
-from regrad_jax.model import losses
+from regrad_jax.model import losses, transformer
 from regrad_jax.model.config import ModelConfig
 from regrad_jax.model.lora import LoraConfig
 
@@ -227,7 +227,8 @@ class GradientComputer:
     self.leaf_shapes = {k: tuple(v.shape) for k, v in flatten(lora).items()}
     self.identity = Identity.of(params, model_config, lora, lora_config, tokenizer,
                                 max_len, self.index)
-    self._params = parallel.shard_params(params, mesh)
+    self._params = parallel.shard_params(params, mesh,
+                                         transformer.logical_axes(model_config))
     self._lora = jax.device_put(lora, parallel.replicated(mesh))
     self._data = parallel.data_sharded(mesh)
     self._step = _jitted_step(model_config, lora_config, codec, mesh)

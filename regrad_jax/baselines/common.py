@@ -16,9 +16,7 @@ same way. Prompts always come from prompts.encode_qa (the one prompt module).
 from typing import Callable, Protocol, Sequence
 
 import numpy as np
-from tqdm import tqdm
 
-from regrad_jax import batching
 from regrad_jax import prompts
 from regrad_jax.model import sampling
 from regrad_jax.model.decode import generate
@@ -76,11 +74,10 @@ def generate_answers(params: dict, prompt_ids: Sequence[Sequence[int]], tokenize
                      desc: str = "answer") -> list[str]:
   """Greedy answers to prompts, `batch_size` rows per jitted call.
 
-  Prompts are sorted by length, left-padded to the smallest of `buckets` that
-  fits (default: the ReGrad engine's, model.sampling.PROMPT_BUCKETS, so every
-  method sees its prompt padded alike; a longer prompt keeps its last tokens)
-  and decoded together; a short last batch repeats its last row, so every call
-  has one of len(buckets) shapes.
+  Batched by model.sampling.generate_batched (sorted by length, a short last
+  batch repeats its last row, left-padded to the smallest of `buckets` that
+  fits); the default buckets are the ReGrad engine's, so every method sees its
+  prompt padded alike.
 
   Args:
     params: base-layout weights.
@@ -94,19 +91,13 @@ def generate_answers(params: dict, prompt_ids: Sequence[Sequence[int]], tokenize
   """
   if lora is not None and lora_for_rows is not None:
     raise ValueError("pass lora or lora_for_rows, not both")
-  order = np.argsort([len(p) for p in prompt_ids], kind="stable")
-  out = [""] * len(prompt_ids)
-  for i in tqdm(range(0, len(order), batch_size), desc=desc, leave=False):
-    rows = order[i:i + batch_size]
-    padded_rows = np.concatenate([rows, np.repeat(rows[-1:], batch_size - len(rows))])
-    chunk = [prompt_ids[r] for r in padded_rows]
-    length = batching.bucket(max(map(len, chunk)), buckets)
-    tokens, mask = batching.pad(chunk, length, tokenizer.pad_id, left=True)
-    row_lora = lora if lora_for_rows is None else lora_for_rows(padded_rows)
-    new = np.asarray(generate(
-        params, tokens, mask, config=config, lora=row_lora,
-        lora_config=lora_config if row_lora is not None else None,
-        max_new_tokens=max_new_tokens))
-    for r, row in zip(rows, new):
-      out[r] = prompts.extract_answer(tokenizer, tokenizer.decode(row))
-  return out
+
+  def run(tokens, mask, rows):
+    row_lora = lora if lora_for_rows is None else lora_for_rows(rows)
+    return generate(params, tokens, mask, config=config, lora=row_lora,
+                    lora_config=lora_config if row_lora is not None else None,
+                    max_new_tokens=max_new_tokens)
+
+  new = sampling.generate_batched(prompt_ids, run, pad_id=tokenizer.pad_id,
+                                  batch_size=batch_size, buckets=buckets, desc=desc)
+  return [prompts.extract_answer(tokenizer, tokenizer.decode(row)) for row in new]

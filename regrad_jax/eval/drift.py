@@ -168,23 +168,16 @@ def continue_prompts(params: dict, prompts: list[str], tokenizer, *,
                      buckets=PROBE_BUCKETS, desc: str = "continue") -> list[str]:
   """Greedy continuations of raw text prompts (no chat template).
 
-  Prompts are tokenised with the default BOS, left-padded to a bucket (longer
-  prompts keep their last tokens) and decoded `batch_size` rows at a time.
+  Prompts are tokenised with the default BOS and decoded `batch_size` rows at a
+  time by model.sampling.generate_batched (left-padded to `buckets`; longer
+  prompts keep their last tokens).
   """
+  run = lambda tokens, mask, rows: generate(params, tokens, mask, config=config,
+                                            max_new_tokens=max_new_tokens)
   ids = [tokenizer.encode(p, add_bos=tokenizer.add_bos_default) for p in prompts]
-  order = np.argsort([len(x) for x in ids], kind="stable")
-  out = [""] * len(prompts)
-  for i in tqdm(range(0, len(ids), batch_size), desc=desc, leave=False):
-    rows = order[i:i + batch_size]
-    chunk = [ids[r] for r in rows]
-    chunk += [chunk[-1]] * (batch_size - len(chunk))  # One batch shape.
-    length = batching.bucket(max(map(len, chunk)), buckets)
-    tokens, mask = batching.pad(chunk, length, tokenizer.pad_id, left=True)
-    new = np.asarray(generate(params, tokens, mask, config=config,
-                                           max_new_tokens=max_new_tokens))
-    for r, row in zip(rows, new):
-      out[r] = tokenizer.decode(row)
-  return out
+  new = sampling.generate_batched(ids, run, pad_id=tokenizer.pad_id, batch_size=batch_size,
+                                  buckets=buckets, desc=desc)
+  return [tokenizer.decode(row) for row in new]
 
 
 def probe_accuracy(params: dict, probe, tokenizer, *, config: ModelConfig,

@@ -23,6 +23,7 @@ figures are the domains' means, each domain's under "domains".
 """
 import jax
 import numpy as np
+from absl import logging
 
 from regrad_jax.meta import state as state_lib
 from regrad_jax.meta import tasks as tasks_lib
@@ -66,7 +67,7 @@ def run(config, workdir, *, num: int = 200, raw_steps=(1e-2, 1e-1),
     out[name] = trainer.evaluate_domains(
         params, {"theta": th, "alpha": al}, tasks, tokenizer, config=model_cfg,
         lora_config=lcfg, data_cfg=config.data, batch_size=config.eval.batch_size)
-    print(f"{name}: {out[name]}", flush=True)
+    logging.info("ablation %s: %s", name, out[name])  # Progress on long runs.
   return out
 
 

@@ -1,4 +1,4 @@
-"""Pure-function Llama-family decoder, LoRA trees, generation, weight loading."""
+"""The Llama-family decoder (Flax linen, pure apply), LoRA trees, generation, weight loading."""
 from regrad_jax.model.config import ModelConfig, tiny_config
 from regrad_jax.model.decode import generate
 from regrad_jax.model.lora import LoraConfig, init_lora, merge_into_base

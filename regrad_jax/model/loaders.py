@@ -1,7 +1,8 @@
-"""Real weights into the pure-function decoder: Hugging Face folders, GGUF files.
+"""Real weights into the Flax decoder's param tree: Hugging Face folders, GGUF files.
 
 Every loader returns `(params, ModelConfig, tokenizer)`, with params in the layout
-of transformer.py (x @ W, the L layers stacked on a leading axis), float32 jax
+of transformer.Decoder (x @ W, the L layers stacked on a leading axis: what
+`Decoder(config).apply({"params": params}, ...)` takes), float32 jax
 arrays whatever the file stores (bf16 safetensors and quantized GGUF are widened;
 `dtype` only sets the compute dtype). Checkpoints store projections as (out, in)
 rows, as `torch.nn.Linear` does; they are transposed here.
@@ -420,7 +421,7 @@ def _load_model(model_cfg) -> tuple[dict, ModelConfig, object]:
   path = model_cfg.get("path", "")
   if source in ("hf", "gguf") and not path:
     raise ValueError(f"config.model.source={source!r} needs config.model.path, e.g. "
-                     "--config=configs/llama3_2_1b.py:path=/path/to/folder")
+                     "--config=configs/llama3.py:variant=1b,path=/path/to/folder")
   if source == "tiny":
     config = tiny_config()
     # The random tiny model's weights are its identity: one seed, in the config.

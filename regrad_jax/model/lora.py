@@ -96,11 +96,6 @@ def init_lora(key: jax.Array, config: ModelConfig, lcfg: LoraConfig) -> dict:
   return tree
 
 
-def num_params(lora: dict) -> int:
-  """Total number of scalars in a LoRA tree (all A and B leaves)."""
-  return sum(int(x.size) for x in jax.tree.leaves(lora))
-
-
 def pad_to_top(lora: dict, lcfg: LoraConfig, n_layers: int
                ) -> tuple[dict, LoraConfig]:
   """Zero-pads a LoRA tree from its adapted layers [start, stop) up to the top layer.
@@ -132,13 +127,3 @@ def merge_into_base(params: dict, lora: dict, lcfg: LoraConfig) -> dict:
     w = layers[name]
     layers[name] = w.at[lcfg.start:lcfg.stop].add(delta.astype(w.dtype))
   return {**params, "layers": layers}
-
-
-def split(tree: dict) -> tuple[dict, dict]:
-  """{"base": params, "lora": lora} -> (params, lora): the inverse of `combine`."""
-  return tree["base"], tree["lora"]
-
-
-def combine(params: dict, lora: dict) -> dict:
-  """One tree holding base and LoRA params side by side (for checkpoints)."""
-  return {"base": params, "lora": lora}

@@ -1,6 +1,15 @@
-"""Text in, text out: batched prompting around `generate` (launches, notebooks)."""
+"""Batched prompting around `generate`: the one length-bucketed batch loop, text in, text out.
+
+`generate_batched` is the loop every caller that decodes many prompts shares (the
+baselines, drift probes, the ReGrad engine, `answer`): sort by length, cut into
+fixed-size batches, left-pad each to a bucket, decode, restore the order. Its
+shapes are what keeps jit from recompiling: at most len(buckets) per batch size.
+"""
+from typing import Callable, Sequence
+
 import jax.numpy as jnp
 import numpy as np
+from tqdm import tqdm
 
 from regrad_jax import batching
 from regrad_jax import prompts as prompts_lib
@@ -11,6 +20,17 @@ from regrad_jax.model.decode import generate
 PROMPT_BUCKETS = (32, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096)
 
 
+def prompt_ids(tokenizer, texts: Sequence[str]) -> list[list[int]]:
+  """Token ids of raw prompt texts (the tokenizer's default BOS); refuses none or
+  an empty one."""
+  if not texts:
+    raise ValueError("no prompts given")
+  ids = [tokenizer.encode(t, add_bos=tokenizer.add_bos_default) for t in texts]
+  if not all(ids):
+    raise ValueError("a prompt encodes to zero tokens; give some text")
+  return ids
+
+
 def encode_prompts(tokenizer, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
   """Tokenises and left-pads texts to one bucket length.
 
@@ -18,13 +38,46 @@ def encode_prompts(tokenizer, texts: list[str]) -> tuple[np.ndarray, np.ndarray]
     tokens (B, P) int32 and mask (B, P) bool, P from PROMPT_BUCKETS; prompts
     longer than the largest bucket keep their last tokens.
   """
-  if not texts:
-    raise ValueError("no prompts given")
-  ids = [tokenizer.encode(t, add_bos=tokenizer.add_bos_default) for t in texts]
-  if not all(ids):
-    raise ValueError("a prompt encodes to zero tokens; give some text")
+  ids = prompt_ids(tokenizer, texts)
   length = batching.bucket(max(map(len, ids)), PROMPT_BUCKETS)
   return batching.pad(ids, length, tokenizer.pad_id, left=True)
+
+
+def generate_batched(ids: Sequence[Sequence[int]], run: Callable, *, pad_id: int,
+                     batch_size: int, buckets=PROMPT_BUCKETS, desc: str = "generate",
+                     progress: bool = True) -> list[np.ndarray]:
+  """New tokens for every prompt, `batch_size` rows per call, in a few shapes.
+
+  Prompts are sorted by length and cut into batches of exactly `batch_size` rows
+  (a short last batch repeats its last prompt), each left-padded to the smallest
+  of `buckets` that fits (a longer prompt keeps its last tokens). Every call thus
+  has one of len(buckets) shapes: a jitted `run` compiles at most that often.
+
+  Args:
+    ids: token ids per prompt.
+    run: (tokens (batch_size, P) int32, mask (batch_size, P) bool, rows
+      (batch_size,) indices into ids, padding repeats included) ->
+      (batch_size, N) new token ids; e.g. `generate` with the rows' adapters.
+    pad_id: the padding token.
+    desc, progress: the progress bar's label, and whether to show it.
+  Returns:
+    (N,) int32 new tokens per prompt, in the order of ids.
+  """
+  if batch_size < 1:
+    raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+  order = np.argsort([len(p) for p in ids], kind="stable")
+  out = [None] * len(ids)
+  for i in tqdm(range(0, len(order), batch_size), desc=desc, leave=False,
+                disable=not progress):
+    rows = order[i:i + batch_size]
+    padded = np.concatenate([rows, np.repeat(rows[-1:], batch_size - len(rows))])
+    chunk = [ids[r] for r in padded]
+    tokens, mask = batching.pad(chunk, batching.bucket(max(map(len, chunk)), buckets),
+                                pad_id, left=True)
+    new = np.asarray(run(tokens, mask, padded))
+    for r, row in zip(rows, new):
+      out[r] = row
+  return out
 
 
 def answer(params: dict, config, tokenizer, prompts: list[str],
@@ -43,7 +96,10 @@ def answer(params: dict, config, tokenizer, prompts: list[str],
     One decoded continuation per prompt.
   """
   texts = [prompts_lib.qa_prompt(p, tokenizer) for p in prompts] if chat else list(prompts)
-  tokens, mask = encode_prompts(tokenizer, texts)
-  out = generate(params, jnp.asarray(tokens), jnp.asarray(mask), config=config,
-                 lora=lora, lora_config=lora_config, max_new_tokens=max_new_tokens)
-  return [tokenizer.decode(row) for row in np.asarray(out)]
+  ids = prompt_ids(tokenizer, texts)
+  run = lambda tokens, mask, rows: generate(
+      params, jnp.asarray(tokens), jnp.asarray(mask), config=config, lora=lora,
+      lora_config=lora_config, max_new_tokens=max_new_tokens)
+  out = generate_batched(ids, run, pad_id=tokenizer.pad_id, batch_size=len(ids),
+                         progress=False)
+  return [tokenizer.decode(row) for row in out]

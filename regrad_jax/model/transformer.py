@@ -1,16 +1,40 @@
-"""A pure-function Llama-family decoder: `apply(params, tokens, ...) -> logits`.
+"""The Llama-family decoder as Flax linen modules, called in pure form.
 
-Params are an explicit pytree (no hidden state); the L decoder layers are stacked on
-a leading axis and run with `jax.lax.scan` (one scan below the LoRA range, one from
-it to the top), so a 30-layer model compiles at most two layer bodies. Weights use the x @ W layout:
+`apply(params, tokens, ...) -> logits` is `Decoder(config).apply({"params": params},
+tokens, ...)`: params are an explicit pytree (no hidden state), never modified. The
+L decoder layers are stacked on a leading axis and run with `jax.lax.scan` (one scan
+below the LoRA range, one from it to the top), so a 30-layer model compiles at most
+two layer bodies. Weights use the x @ W layout, with these logical axis names
+(parallel.LOGICAL_RULES maps them onto the mesh):
 
-  embed (V, D)            final_norm (D,)          lm_head (D, V) unless tied
-  layers/attn_norm (L, D) layers/q (L, D, H*hd)    layers/k, v (L, D, KV*hd)
-  layers/o (L, H*hd, D)   layers/mlp_norm (L, D)   layers/gate, up (L, D, F)
-  layers/down (L, F, D)   layers/q_bias (L, H*hd), k_bias, v_bias (Qwen2 only)
+  embed (V, D)                 vocab, embed
+  lm_head (D, V), unless tied  embed, vocab
+  final_norm (D,)              embed
+  layers/attn_norm, mlp_norm   (L, D)          layers, embed
+  layers/q                     (L, D, H*hd)    layers, embed, heads
+  layers/k, v                  (L, D, KV*hd)   layers, embed, kv
+  layers/o                     (L, H*hd, D)    layers, heads, embed
+  layers/gate, up              (L, D, F)       layers, embed, mlp
+  layers/down                  (L, F, D)       layers, mlp, embed
+  layers/q_bias, k_bias, v_bias (Qwen2 only)   (L, H*hd), (L, KV*hd)
 
-An optional LoRA tree (see lora.py) adds low-rank updates; it may be batched (each
-example its own adapter). Neither params nor LoRA are ever modified.
+Why linen, not NNX: the rest of the package (meta-gradients as jax.grad of a loss
+that calls jax.grad, per-query batched LoRA, shard_map over tasks, TensorStore
+checkpoints) passes weights as explicit trees; linen's `module.apply(variables,
+...)` is a pure function of exactly such a tree, while NNX modules own mutable
+state that would have to be split and merged around every transform. Linen also
+keeps the param names chosen here, so the tree is the same nested dict the package
+always used: released meta-states, bank manifests and their base-weight
+fingerprints (regrad_jax/fingerprint.py hashes the tree) stay valid.
+
+Why `jax.lax.scan` over `DecoderLayer.apply` rather than `nn.scan`: the two scans
+split the one layer stack at the LoRA range's start, which the LoRA config picks at
+call time, and a decode step reads its layer from the whole stack by index (see
+`Decoder.__call__`); `nn.scan` would tie each scan to its own param stack. The
+stack is one param, `layers`, initialised as L independent `DecoderLayer` inits.
+
+An optional LoRA tree (see lora.py) adds low-rank updates; it is a separate tree,
+not a Flax variable, and may be batched (each example its own adapter).
 
 Attention positions come from the padding mask (cumsum), so left- and right-padded
 batches give the same logits on their real tokens. With a KV cache, keys live in
@@ -19,6 +43,7 @@ slots [0, T); a query in slot i sees valid slots j <= i.
 import functools
 import math
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -27,31 +52,19 @@ from regrad_jax.model import lora as lora_lib
 from regrad_jax.model.config import ModelConfig
 
 _NEG = np.float32(np.finfo(np.float32).min)
+_NORMAL = nn.initializers.normal(0.02)  # Random init (tests, the tiny config).
+# Logical axis names of each per-layer param (the stack adds "layers" in front).
+_LAYER_AXES = {
+    "q": ("embed", "heads"), "k": ("embed", "kv"), "v": ("embed", "kv"),
+    "o": ("heads", "embed"), "gate": ("embed", "mlp"), "up": ("embed", "mlp"),
+    "down": ("mlp", "embed"), "attn_norm": ("embed",), "mlp_norm": ("embed",),
+    "q_bias": ("heads",), "k_bias": ("kv",), "v_bias": ("kv",)}
 
 
-def init_params(key: jax.Array, config: ModelConfig) -> dict:
-  """Random params (normal, std 0.02; norms at 1): for tests and the tiny config."""
-  L, D, F = config.n_layers, config.d_model, config.d_ff
-  shapes = lora_lib.projection_shapes(config)
-  keys = iter(jax.random.split(key, 16))
-  normal = lambda shape: 0.02 * jax.random.normal(next(keys), shape, jnp.float32)
-  layers = {name: normal((L,) + shapes[name]) for name in lora_lib.TARGETS}
-  layers["attn_norm"] = jnp.ones((L, D), jnp.float32)
-  layers["mlp_norm"] = jnp.ones((L, D), jnp.float32)
-  if config.qkv_bias:
-    for name in ("q", "k", "v"):
-      layers[f"{name}_bias"] = normal((L, shapes[name][1]))
-  params = {"embed": normal((config.vocab_size, D)), "layers": layers,
-            "final_norm": jnp.ones((D,), jnp.float32)}
-  if not config.tie_embeddings:
-    params["lm_head"] = normal((D, config.vocab_size))
-  return params
-
-
-def param_shapes(config: ModelConfig) -> dict:
-  """ShapeDtypeStructs of the params, without allocating them."""
-  return jax.eval_shape(functools.partial(init_params, config=config),
-                        jax.random.key(0))
+def logical_param(module: nn.Module, name: str, init, shape: tuple, axes: tuple):
+  """A float32 param with logical axis names (nn.with_logical_partitioning)."""
+  return module.param(name, nn.with_logical_partitioning(init, axes), shape,
+                      jnp.float32)
 
 
 def rope_inv_freq(config: ModelConfig) -> np.ndarray:
@@ -99,49 +112,200 @@ def _dense(x: jax.Array, w: jax.Array, ab: dict | None, scale: float) -> jax.Arr
   return y + jnp.asarray(scale, x.dtype) * jnp.einsum("bsr,brf->bsf", h, b)
 
 
-def _layer(x, layer, lora, cache_kv, index, *, config, scale, positions, mask,
-           cache_index, inv_freq):
-  """One decoder layer. x: (B, S, D); mask: (B, S, T) bool over key slots.
+class DecoderLayer(nn.Module):
+  """One pre-norm layer: RMSNorm, grouped-query attention with RoPE, RMSNorm, SwiGLU.
 
-  cache_kv: None, or the whole (L, B, T, KV, hd) key and value caches: this layer
-  (`index`) writes its S new slots into them in place and attends over its row.
+  Its params are one slice of the decoder's `layers` stack; `Decoder` runs it with
+  `DecoderLayer(config).apply({"params": slice}, ...)` inside a `jax.lax.scan`.
   """
-  B, S, _ = x.shape
-  H, KV, hd = config.n_heads, config.n_kv_heads, config.head_dim
-  ab = lambda name: None if lora is None else lora.get(name)
+  config: ModelConfig
 
-  h = _rms_norm(x, layer["attn_norm"], config.norm_eps)
-  q = _dense(h, layer["q"], ab("q"), scale)
-  k = _dense(h, layer["k"], ab("k"), scale)
-  v = _dense(h, layer["v"], ab("v"), scale)
-  if config.qkv_bias:
-    q, k, v = q + layer["q_bias"], k + layer["k_bias"], v + layer["v_bias"]
-  q = _rope(q.reshape(B, S, H, hd), positions, inv_freq)
-  k = _rope(k.reshape(B, S, KV, hd), positions, inv_freq)
-  v = v.reshape(B, S, KV, hd)
-  if cache_kv is not None:
-    # Updating the full caches (a loop carry) in place, rather than stacking per-layer
-    # outputs, keeps each decode step from copying the whole cache (SmolLM2 at B=16 on
-    # 2 CPU cores: 145 -> 101 ms a step).
-    start = (index, jnp.int32(0), jnp.asarray(cache_index, jnp.int32), jnp.int32(0),
-             jnp.int32(0))
-    cache_kv = tuple(jax.lax.dynamic_update_slice(c, new[None].astype(c.dtype), start)
-                     for c, new in zip(cache_kv, (k, v)))
-    k, v = (jax.lax.dynamic_index_in_dim(c, index, keepdims=False) for c in cache_kv)
-  # Grouped-query attention: G = H / KV query heads share each key/value head.
-  qg = q.reshape(B, S, KV, H // KV, hd)
-  scores = jnp.einsum("bskgd,btkd->bkgst", qg, k.astype(q.dtype)).astype(jnp.float32)
-  scores = scores / np.float32(math.sqrt(hd))
-  scores = jnp.where(mask[:, None, None], scores, _NEG)
-  probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
-  attn = jnp.einsum("bkgst,btkd->bskgd", probs, v.astype(q.dtype)).reshape(B, S, H * hd)
-  x = x + _dense(attn, layer["o"], ab("o"), scale)
+  def setup(self):
+    c = self.config
+    shapes = dict(lora_lib.projection_shapes(c), attn_norm=(c.d_model,),
+                  mlp_norm=(c.d_model,))
+    if c.qkv_bias:
+      shapes.update({f"{n}_bias": (shapes[n][1],) for n in ("q", "k", "v")})
+    init = lambda name: nn.initializers.ones if name.endswith("norm") else _NORMAL
+    self.w = {name: logical_param(self, name, init(name), shape, _LAYER_AXES[name])
+              for name, shape in shapes.items()}
 
-  h = _rms_norm(x, layer["mlp_norm"], config.norm_eps)
-  g = _dense(h, layer["gate"], ab("gate"), scale)
-  u = _dense(h, layer["up"], ab("up"), scale)
-  x = x + _dense(jax.nn.silu(g) * u, layer["down"], ab("down"), scale)
-  return x, cache_kv
+  def weights(self) -> dict:
+    """This layer's params (the `method` that `init` runs: no forward needed)."""
+    return self.w
+
+  def __call__(self, x, lora, cache_kv, index, *, scale, positions, mask, cache_index,
+               inv_freq):
+    """x: (B, S, D) -> (B, S, D), and the caches. mask: (B, S, T) bool over key slots.
+
+    lora: None or this layer's {name: {"a", "b"}} (A (d_in, r) or batched
+    (B, d_in, r)). cache_kv: None, or the whole (L, B, T, KV, hd) key and value
+    caches: this layer (`index`) writes its S new slots into them in place and
+    attends over its row.
+    """
+    config, layer = self.config, self.w
+    B, S, _ = x.shape
+    H, KV, hd = config.n_heads, config.n_kv_heads, config.head_dim
+    ab = lambda name: None if lora is None else lora.get(name)
+
+    h = _rms_norm(x, layer["attn_norm"], config.norm_eps)
+    q = _dense(h, layer["q"], ab("q"), scale)
+    k = _dense(h, layer["k"], ab("k"), scale)
+    v = _dense(h, layer["v"], ab("v"), scale)
+    if config.qkv_bias:
+      q, k, v = q + layer["q_bias"], k + layer["k_bias"], v + layer["v_bias"]
+    q = _rope(q.reshape(B, S, H, hd), positions, inv_freq)
+    k = _rope(k.reshape(B, S, KV, hd), positions, inv_freq)
+    v = v.reshape(B, S, KV, hd)
+    if cache_kv is not None:
+      # Updating the full caches (a loop carry) in place, rather than stacking
+      # per-layer outputs, keeps each decode step from copying the whole cache
+      # (SmolLM2 at B=16 on 2 CPU cores: 145 -> 101 ms a step).
+      start = (index, jnp.int32(0), jnp.asarray(cache_index, jnp.int32), jnp.int32(0),
+               jnp.int32(0))
+      cache_kv = tuple(jax.lax.dynamic_update_slice(c, new[None].astype(c.dtype), start)
+                       for c, new in zip(cache_kv, (k, v)))
+      k, v = (jax.lax.dynamic_index_in_dim(c, index, keepdims=False) for c in cache_kv)
+    # Grouped-query attention: G = H / KV query heads share each key/value head.
+    qg = q.reshape(B, S, KV, H // KV, hd)
+    scores = jnp.einsum("bskgd,btkd->bkgst", qg, k.astype(q.dtype)).astype(jnp.float32)
+    scores = scores / np.float32(math.sqrt(hd))
+    scores = jnp.where(mask[:, None, None], scores, _NEG)
+    probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
+    attn = jnp.einsum("bkgst,btkd->bskgd", probs, v.astype(q.dtype)).reshape(B, S, H * hd)
+    x = x + _dense(attn, layer["o"], ab("o"), scale)
+
+    h = _rms_norm(x, layer["mlp_norm"], config.norm_eps)
+    g = _dense(h, layer["gate"], ab("gate"), scale)
+    u = _dense(h, layer["up"], ab("up"), scale)
+    x = x + _dense(jax.nn.silu(g) * u, layer["down"], ab("down"), scale)
+    return x, cache_kv
+
+
+def stack_init(key: jax.Array, layer: nn.Module, n: int, method) -> dict:
+  """n independent inits of `layer` (its params, via `method`) stacked on a leading
+  axis named "layers": the params a `jax.lax.scan` over `layer.apply` reads."""
+  one = lambda k: layer.init(k, method=method)["params"]
+  stack = jax.vmap(one)(jax.random.split(key, n))
+  return jax.tree.map(lambda box: box.add_axis(0, {nn.PARTITION_NAME: "layers"}),
+                      stack, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+
+
+class Decoder(nn.Module):
+  """Token embedding, the stacked DecoderLayers, final RMSNorm, LM head."""
+  config: ModelConfig
+
+  def setup(self):
+    c = self.config
+    V, D = c.vocab_size, c.d_model
+    self.embed = logical_param(self, "embed", _NORMAL, (V, D), ("vocab", "embed"))
+    self.layers = self.param("layers", stack_init, DecoderLayer(c, parent=None),
+                             c.n_layers, DecoderLayer.weights)
+    self.final_norm = logical_param(self, "final_norm", nn.initializers.ones, (D,),
+                                    ("embed",))
+    if not c.tie_embeddings:
+      self.lm_head = logical_param(self, "lm_head", _NORMAL, (D, V), ("embed", "vocab"))
+
+  def weights(self) -> dict:
+    """All params (the `method` that `init` runs: no forward needed)."""
+    out = {"embed": self.embed, "layers": self.layers, "final_norm": self.final_norm}
+    if not self.config.tie_embeddings:
+      out["lm_head"] = self.lm_head
+    return out
+
+  def __call__(self, tokens, *, lora=None, lora_config=None, mask=None, positions=None,
+               cache=None, cache_index=0, remat=False, return_hidden=False,
+               last_only=False):
+    """See `apply` (the same arguments, params aside)."""
+    config = self.config
+    dtype = jnp.dtype(config.dtype)
+    B, S = tokens.shape
+    if mask is None:
+      mask = jnp.ones((B, S) if cache is None else cache["k"].shape[1:3], bool)
+    if cache is None:
+      if positions is None:
+        positions = positions_from_mask(mask)
+      causal = jnp.tril(jnp.ones((S, S), bool))
+      attn_mask = causal[None] & mask[:, None, :]
+    else:
+      if positions is None:
+        raise ValueError("apply with a cache needs explicit positions")
+      T = cache["k"].shape[2]
+      slots = jnp.arange(T)[None, :] <= (cache_index + jnp.arange(S))[:, None]
+      attn_mask = slots[None] & mask[:, None, :]
+
+    scale, start, upper = 1.0, 0, None
+    if lora is not None:
+      if lora_config is None:
+        raise ValueError("apply(lora=...) needs lora_config")
+      upper, lora_config = lora_lib.pad_to_top(lora, lora_config, config.n_layers)
+      scale, start = lora_config.scale, lora_config.start
+
+    x = self.embed[tokens].astype(dtype)
+    stack, layer = self.layers, DecoderLayer(config, parent=None)
+    body = functools.partial(
+        layer.apply, scale=scale, positions=positions, mask=attn_mask,
+        cache_index=cache_index, inv_freq=rope_inv_freq(config))
+
+    def step(carry, xs):
+      x, kv = carry
+      weights, layer_lora, index = xs
+      if weights is None:  # Decoding: read (and cast) this layer from the whole stack.
+        weights = jax.tree.map(
+            lambda w: jax.lax.dynamic_index_in_dim(w, index, keepdims=False).astype(dtype),
+            stack)
+      return body({"params": weights}, x, layer_lora, kv, index), None
+
+    if remat:
+      step = jax.checkpoint(step)
+    kv = None if cache is None else (cache["k"], cache["v"])
+    # Layers below the adapted range run without LoRA in their own scan: their
+    # output is constant w.r.t. LoRA, so gradients stop there (about 1.4x faster
+    # per-document and meta gradients for the upper-half layout). Without a cache
+    # (training, scoring) each scan takes its segment's cast layers as xs, so a
+    # backward pass saves no weight copies as residuals. With a cache (decoding: a
+    # loop, no gradients) each step reads its layer from the whole stack instead: a
+    # segment slice would copy those weights at every decode step (~2x the cost of a
+    # B=1 step with the upper-half LoRA layout).
+    cast = None
+    if cache is None:
+      cast = jax.tree.map(lambda w: w.astype(dtype), stack)
+    for lo, hi, seg_lora in ((0, start, None), (start, config.n_layers, upper)):
+      if hi > lo:
+        seg = None if cast is None else jax.tree.map(lambda a: a[lo:hi], cast)
+        (x, kv), _ = jax.lax.scan(step, (x, kv), (seg, seg_lora,
+                                                   jnp.arange(lo, hi, dtype=jnp.int32)))
+    if last_only:  # Prefill: only the last position's logits are needed.
+      x = x[:, -1:]
+    x = _rms_norm(x, self.final_norm, config.norm_eps)
+    head = self.embed.T if config.tie_embeddings else self.lm_head
+    logits = (x @ head.astype(dtype)).astype(jnp.float32)
+    out = (logits,)
+    if cache is not None:
+      out += ({"k": kv[0], "v": kv[1]},)
+    if return_hidden:
+      out += (x,)
+    return out[0] if len(out) == 1 else out
+
+
+def init_params(key: jax.Array, config: ModelConfig) -> dict:
+  """Random params (normal, std 0.02; norms at 1): for tests and the tiny config."""
+  variables = Decoder(config).init(key, method=Decoder.weights)
+  return nn.unbox(variables["params"])
+
+
+def param_shapes(config: ModelConfig) -> dict:
+  """ShapeDtypeStructs of the params, without allocating them."""
+  return jax.eval_shape(functools.partial(init_params, config=config),
+                        jax.random.key(0))
+
+
+def logical_axes(config: ModelConfig) -> dict:
+  """The params' logical axis names: a PartitionSpec of names per leaf (for
+  parallel.param_shardings); computed with jax.eval_shape, nothing allocated."""
+  boxed = jax.eval_shape(lambda: Decoder(config).init(jax.random.key(0),
+                                                      method=Decoder.weights))
+  return nn.get_partition_spec(boxed["params"])
 
 
 def positions_from_mask(mask: jax.Array) -> jax.Array:
@@ -154,7 +318,7 @@ def apply(params: dict, tokens: jax.Array, *, config: ModelConfig,
           mask: jax.Array | None = None, positions: jax.Array | None = None,
           cache: dict | None = None, cache_index: jax.Array | int = 0,
           remat: bool = False, return_hidden: bool = False, last_only: bool = False):
-  """Runs the decoder.
+  """Runs the decoder: `Decoder(config).apply({"params": params}, tokens, ...)`.
 
   Args:
     params: base params (see module docstring). Never modified.
@@ -178,73 +342,10 @@ def apply(params: dict, tokens: jax.Array, *, config: ModelConfig,
     logits (B, S, V) float32, and the updated cache when `cache` is given
     (and hidden states when asked).
   """
-  dtype = jnp.dtype(config.dtype)
-  B, S = tokens.shape
-  if mask is None:
-    mask = jnp.ones((B, S) if cache is None else cache["k"].shape[1:3], bool)
-  if cache is None:
-    if positions is None:
-      positions = positions_from_mask(mask)
-    causal = jnp.tril(jnp.ones((S, S), bool))
-    attn_mask = causal[None] & mask[:, None, :]
-  else:
-    if positions is None:
-      raise ValueError("apply with a cache needs explicit positions")
-    T = cache["k"].shape[2]
-    slots = jnp.arange(T)[None, :] <= (cache_index + jnp.arange(S))[:, None]
-    attn_mask = slots[None] & mask[:, None, :]
-
-  scale, start, upper = 1.0, 0, None
-  if lora is not None:
-    if lora_config is None:
-      raise ValueError("apply(lora=...) needs lora_config")
-    upper, lora_config = lora_lib.pad_to_top(lora, lora_config, config.n_layers)
-    scale, start = lora_config.scale, lora_config.start
-
-  x = params["embed"][tokens].astype(dtype)
-  body = functools.partial(
-      _layer, config=config, scale=scale, positions=positions, mask=attn_mask,
-      cache_index=cache_index, inv_freq=rope_inv_freq(config))
-
-  def step(carry, xs):
-    x, kv = carry
-    layer, layer_lora, index = xs
-    if layer is None:  # Decoding: read (and cast) this layer from the whole stack.
-      layer = jax.tree.map(
-          lambda w: jax.lax.dynamic_index_in_dim(w, index, keepdims=False).astype(dtype),
-          params["layers"])
-    return body(x, layer, layer_lora, kv, index), None
-
-  if remat:
-    step = jax.checkpoint(step)
-  kv = None if cache is None else (cache["k"], cache["v"])
-  # Layers below the adapted range run without LoRA in their own scan: their
-  # output is constant w.r.t. LoRA, so gradients stop there (about 1.4x faster
-  # per-document and meta gradients for the upper-half layout). Without a cache
-  # (training, scoring) each scan takes its segment's cast layers as xs, so a
-  # backward pass saves no weight copies as residuals. With a cache (decoding: a
-  # loop, no gradients) each step reads its layer from the whole stack instead: a
-  # segment slice would copy those weights at every decode step (~2x the cost of a
-  # B=1 step with the upper-half LoRA layout).
-  layers = None
-  if cache is None:
-    layers = jax.tree.map(lambda w: w.astype(dtype), params["layers"])
-  for lo, hi, seg_lora in ((0, start, None), (start, config.n_layers, upper)):
-    if hi > lo:
-      seg_layers = None if layers is None else jax.tree.map(lambda a: a[lo:hi], layers)
-      (x, kv), _ = jax.lax.scan(step, (x, kv), (seg_layers, seg_lora,
-                                                 jnp.arange(lo, hi, dtype=jnp.int32)))
-  if last_only:  # Prefill: only the last position's logits are needed.
-    x = x[:, -1:]
-  x = _rms_norm(x, params["final_norm"], config.norm_eps)
-  head = params["embed"].T if config.tie_embeddings else params["lm_head"]
-  logits = (x @ head.astype(dtype)).astype(jnp.float32)
-  out = (logits,)
-  if cache is not None:
-    out += ({"k": kv[0], "v": kv[1]},)
-  if return_hidden:
-    out += (x,)
-  return out[0] if len(out) == 1 else out
+  return Decoder(config).apply(
+      {"params": params}, tokens, lora=lora, lora_config=lora_config, mask=mask,
+      positions=positions, cache=cache, cache_index=cache_index, remat=remat,
+      return_hidden=return_hidden, last_only=last_only)
 
 
 def init_cache(config: ModelConfig, batch: int, length: int) -> dict:

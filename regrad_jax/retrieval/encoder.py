@@ -1,9 +1,12 @@
-"""Dense text encoder: BERT with mean pooling (all-MiniLM-L6-v2) as a pure JAX function.
+"""Dense text encoder: BERT with mean pooling (all-MiniLM-L6-v2) as Flax linen modules.
 
-`encode(params, config, token_ids, mask)` is the whole model: word + position +
+`encode(params, config, token_ids, mask)` is the whole model, the pure
+`BertEncoder(config).apply({"params": params}, ...)`: word + position +
 token-type embeddings, LayerNorm, `num_layers` post-LN transformer layers
 (self-attention, then a GELU feed-forward, each followed by a residual add and
-LayerNorm), mean pooling over the attention mask, L2 normalisation. Params are
+LayerNorm), mean pooling over the attention mask, L2 normalisation. Linen (not
+NNX) for the reason the decoder uses it (model/transformer.py): a pure function
+of an explicit param tree, with the tree layout the package always had. Params are
 a plain pytree read from a Hugging Face folder (`model.safetensors`,
 `config.json`, `tokenizer.json`); nothing imports torch or transformers.
 
@@ -27,6 +30,7 @@ import re
 import zlib
 from typing import Any, Sequence
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -35,6 +39,7 @@ import tokenizers
 import tqdm
 
 from regrad_jax import registry
+from regrad_jax.model import transformer
 
 Params = dict[str, Any]
 
@@ -77,10 +82,115 @@ def _layer_norm(x, scale, bias, eps):
   return (x - mean) * jax.lax.rsqrt(var + eps) * scale + bias
 
 
+# NB: full fp32 matmuls, also on GPU/TPU (whose default would be TF32/bf16
+# passes): an index built on one platform is then queried on another.
+_einsum = functools.partial(jnp.einsum, precision=jax.lax.Precision.HIGHEST)
+_NORMAL = nn.initializers.normal(0.02)
+_param = transformer.logical_param  # Float32, with logical axis names.
+
+
+class BertEmbed(nn.Module):
+  """Word + position + token-type (type 0) embeddings, then LayerNorm."""
+  config: BertConfig
+
+  @nn.compact
+  def __call__(self, token_ids):
+    """(B, L) int32 -> (B, L, hidden) float32."""
+    c, d = self.config, self.config.hidden_size
+    word = _param(self, "word", _NORMAL, (c.vocab_size, d), ("vocab", "embed"))
+    position = _param(self, "position", _NORMAL, (c.max_position, d), (None, "embed"))
+    token_type = _param(self, "token_type", _NORMAL, (c.type_vocab_size, d),
+                        (None, "embed"))
+    scale = _param(self, "ln_scale", nn.initializers.ones, (d,), ("embed",))
+    bias = _param(self, "ln_bias", nn.initializers.zeros, (d,), ("embed",))
+    x = word[token_ids] + position[:token_ids.shape[1]][None] + token_type[0]
+    return _layer_norm(x, scale, bias, c.layer_norm_eps)
+
+
+# Each layer param's logical axes: kernels are (in, out).
+_LAYER_AXES = {"q": ("embed", "heads"), "k": ("embed", "heads"), "v": ("embed", "heads"),
+               "o": ("heads", "embed"), "ffn_in": ("embed", "mlp"),
+               "ffn_out": ("mlp", "embed")}
+
+
+class BertLayer(nn.Module):
+  """One post-LN layer: self-attention, add, LayerNorm; GELU MLP, add, LayerNorm.
+
+  Its params are one slice of the encoder's `layers` stack; `BertEncoder` runs it
+  with `BertLayer(config).apply({"params": slice}, ...)` inside a `jax.lax.scan`.
+  """
+  config: BertConfig
+
+  def setup(self):
+    d, f = self.config.hidden_size, self.config.intermediate_size
+    dims = {"q": (d, d), "k": (d, d), "v": (d, d), "o": (d, d), "ffn_in": (d, f),
+            "ffn_out": (f, d)}
+    w = {}
+    for name, shape in dims.items():
+      w[f"{name}_kernel"] = _param(self, f"{name}_kernel", _NORMAL, shape,
+                                   _LAYER_AXES[name])
+      w[f"{name}_bias"] = _param(self, f"{name}_bias", nn.initializers.zeros,
+                                 shape[1:], _LAYER_AXES[name][1:])
+    for name in ("attn_ln", "ffn_ln"):
+      w[f"{name}_scale"] = _param(self, f"{name}_scale", nn.initializers.ones, (d,),
+                                  ("embed",))
+      w[f"{name}_bias"] = _param(self, f"{name}_bias", nn.initializers.zeros, (d,),
+                                 ("embed",))
+    self.w = w
+
+  def weights(self) -> dict:
+    """This layer's params (the `method` that `init` runs: no forward needed)."""
+    return self.w
+
+  def __call__(self, x, att_bias):
+    """x: (B, L, hidden); att_bias: (B, 1, 1, L) additive key mask."""
+    b, l, d = x.shape
+    h, eps, p = self.config.num_heads, self.config.layer_norm_eps, self.w
+    dense = lambda y, name: _einsum("bld,de->ble", y, p[f"{name}_kernel"]) + p[f"{name}_bias"]
+    q, k, v = (dense(x, n).reshape(b, l, h, d // h) for n in ("q", "k", "v"))
+    logits = _einsum("bqhd,bkhd->bhqk", q, k) / jnp.float32(math.sqrt(d // h))
+    probs = jax.nn.softmax(logits + att_bias, axis=-1)
+    ctx = _einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, l, d)
+    x = _layer_norm(x + dense(ctx, "o"), p["attn_ln_scale"], p["attn_ln_bias"], eps)
+    ffn = jax.nn.gelu(dense(x, "ffn_in"), approximate=False)
+    return _layer_norm(x + dense(ffn, "ffn_out"), p["ffn_ln_scale"], p["ffn_ln_bias"], eps)
+
+
+class BertEncoder(nn.Module):
+  """BertEmbed, `num_layers` BertLayers (one stacked param, scanned), mean pooling."""
+  config: BertConfig
+
+  def setup(self):
+    c = self.config
+    self.embed = BertEmbed(c)
+    self.layers = self.param("layers", transformer.stack_init, BertLayer(c, parent=None),
+                             c.num_layers, BertLayer.weights)
+
+  def weights(self) -> dict:
+    """Declares every param without a forward (the `method` init runs)."""
+    self.embed(jnp.zeros((1, 1), jnp.int32))
+    return self.layers
+
+  def __call__(self, token_ids, mask):
+    """See `encode`."""
+    x = self.embed(token_ids)
+    mask = mask.astype(bool)
+    # Additive key mask, as in the reference (finfo.min, not -inf: a row with no
+    # real token stays finite).
+    att_bias = jnp.where(mask, jnp.float32(0), jnp.finfo(jnp.float32).min)[:, None, None, :]
+    layer = BertLayer(self.config, parent=None)
+    step = lambda x, p: (layer.apply({"params": p}, x, att_bias), None)
+    x, _ = jax.lax.scan(step, x, self.layers)
+    m = mask[..., None].astype(jnp.float32)
+    pooled = (x * m).sum(1) / jnp.maximum(m.sum(1), jnp.float32(1e-9))
+    norm = jnp.linalg.norm(pooled, axis=-1, keepdims=True)
+    return pooled / jnp.maximum(norm, jnp.float32(1e-12))
+
+
 @functools.partial(jax.jit, static_argnames="config")
 def encode(params: Params, config: BertConfig, token_ids: jax.Array,
            mask: jax.Array) -> jax.Array:
-  """Embeds a padded batch of token ids.
+  """Embeds a padded batch of token ids: `BertEncoder(config).apply({"params": params}, ...)`.
 
   Args:
     params: {"embed": {...}, "layers": {...}}; each "layers" leaf has a leading
@@ -92,39 +202,13 @@ def encode(params: Params, config: BertConfig, token_ids: jax.Array,
   Returns:
     (B, hidden_size) float32, unit L2 norm (a row with no real token is 0).
   """
-  b, l = token_ids.shape
-  h, d = config.num_heads, config.hidden_size
-  eps = config.layer_norm_eps
-  e = params["embed"]
-  x = e["word"][token_ids] + e["position"][:l][None] + e["token_type"][0]
-  x = _layer_norm(x, e["ln_scale"], e["ln_bias"], eps)
-  mask = mask.astype(bool)
-  # Additive key mask, as in the reference (finfo.min, not -inf: a row with no
-  # real token stays finite).
-  att_bias = jnp.where(mask, jnp.float32(0), jnp.finfo(jnp.float32).min)[:, None, None, :]
+  return BertEncoder(config).apply({"params": params}, token_ids, mask)
 
-  # NB: full fp32 matmuls, also on GPU/TPU (whose default would be TF32/bf16
-  # passes): an index built on one platform is then queried on another.
-  einsum = functools.partial(jnp.einsum, precision=jax.lax.Precision.HIGHEST)
 
-  def dense(y, p, name):
-    return einsum("bld,de->ble", y, p[f"{name}_kernel"]) + p[f"{name}_bias"]
-
-  def layer(x, p):
-    q, k, v = (dense(x, p, n).reshape(b, l, h, d // h) for n in ("q", "k", "v"))
-    logits = einsum("bqhd,bkhd->bhqk", q, k) / jnp.float32(math.sqrt(d // h))
-    probs = jax.nn.softmax(logits + att_bias, axis=-1)
-    ctx = einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, l, d)
-    x = _layer_norm(x + dense(ctx, p, "o"), p["attn_ln_scale"], p["attn_ln_bias"], eps)
-    ffn = jax.nn.gelu(dense(x, p, "ffn_in"), approximate=False)
-    x = _layer_norm(x + dense(ffn, p, "ffn_out"), p["ffn_ln_scale"], p["ffn_ln_bias"], eps)
-    return x, None
-
-  x, _ = jax.lax.scan(layer, x, params["layers"])
-  m = mask[..., None].astype(jnp.float32)
-  pooled = (x * m).sum(1) / jnp.maximum(m.sum(1), jnp.float32(1e-9))
-  norm = jnp.linalg.norm(pooled, axis=-1, keepdims=True)
-  return pooled / jnp.maximum(norm, jnp.float32(1e-12))
+def param_shapes(config: BertConfig) -> Params:
+  """The module's param tree as ShapeDtypeStructs (jax.eval_shape, no allocation)."""
+  init = lambda: BertEncoder(config).init(jax.random.key(0), method=BertEncoder.weights)
+  return nn.unbox(jax.eval_shape(init)["params"])
 
 
 # Our layer leaf name -> the Hugging Face name under "encoder.layer.{i}.".
@@ -164,11 +248,23 @@ def params_from_hf(tensors: dict[str, np.ndarray], config: BertConfig) -> Params
       p[f"{ours}_bias"] = get(pre + theirs + ".bias")
     per_layer.append(p)
   layers = {k: np.stack([p[k] for p in per_layer]) for k in per_layer[0]}
-  return jax.device_put({"embed": embed, "layers": layers})
+  params = {"embed": embed, "layers": layers}
+  want = dict(jax.tree_util.tree_flatten_with_path(param_shapes(config))[0])
+  for path, arr in jax.tree_util.tree_flatten_with_path(params)[0]:
+    if arr.shape != want[path].shape:
+      raise ValueError(f"Checkpoint tensor {jax.tree_util.keystr(path)} has shape "
+                       f"{arr.shape}; config.json implies {want[path].shape}.")
+  return jax.device_put(params)
 
 
 def init_params(config: BertConfig, seed: int = 0) -> Params:
-  """Random BERT params (normal(0, 0.02) weights, LayerNorm = identity), as in BERT's init."""
+  """Random BERT params (normal(0, 0.02) weights, LayerNorm = identity), as in BERT's init.
+
+  The `param_shapes` tree, drawn with NumPy from `seed` rather than by
+  `BertEncoder.init`: a saved retriever rebuilds its tiny encoder from the seed
+  alone (`Encoder.from_spec`), so these values must not change with JAX or Flax
+  RNG versions (the stored vectors would silently stop matching the queries).
+  """
   rng = np.random.default_rng(seed)
   d, f, n = config.hidden_size, config.intermediate_size, config.num_layers
 

@@ -11,7 +11,7 @@ import math
 
 import pytest
 
-from launch import quickstart
+from configs import quickstart
 from regrad_jax.eval import evaluate
 
 pytestmark = pytest.mark.real
@@ -21,7 +21,7 @@ FIELDS = ("em", "f1", "n", "ppl_general", "ppl_wiki", "probe_acc", "weight_l2",
 
 
 def _config(data_root):
-  c = quickstart.quickstart_config()
+  c = quickstart.get_config()
   c.data.root = str(data_root)
   c.data.num_distractors = 10
   c.eval.num_questions = 6

@@ -157,3 +157,20 @@ def test_logits_match_transformers_llama(smollm):
   got = np.asarray(transformer.apply(params, jnp.asarray([ids], jnp.int32), config=config))
   print(f"\nmax |logit diff| vs transformers: {np.abs(got - want).max():.2e}")
   np.testing.assert_allclose(got, want, rtol=0, atol=1e-3)
+
+
+def test_released_state_loads_against_this_model(smollm):
+  """The Flax param tree hashes as the hand-written one did: the released state
+  (its recorded base fingerprint) loads, with its LoRA tree's layout."""
+  import regrad_jax
+  from regrad_jax.meta import state as state_lib
+  from regrad_jax.model import lora as lora_lib
+  _, params, config, tokenizer = smollm
+  path = regrad_jax.released("smollm2_135m_cpkc")
+  info = json.loads((path / "info.json").read_text())
+  assert loaders.base_fingerprint(params) == info["base_fingerprint"]
+  theta, alpha, _ = state_lib.load(path, expect_base=loaders.base_fingerprint(params),
+                                   expect_tokenizer=tokenizer.fingerprint())
+  lcfg = state_lib.lora_config_from_info(info)
+  fresh = lora_lib.init_lora(jax.random.key(0), config, lcfg)
+  assert jax.tree.map(np.shape, theta) == jax.tree.map(np.shape, fresh)
