@@ -39,6 +39,11 @@ def base() -> mlc.ConfigDict:
   c.data.distractors = "wiki_summaries.jsonl"  # Extra bank documents; "" = none.
   c.data.num_distractors = 0  # 0 = none, -1 = all.
   c.data.max_context_len = 128  # Passage truncation, in tokens.
+  # Documents longer than max_context_len in the knowledge base (launch.build_bank,
+  # ReGrad.inject; regrad_jax/kb.py): "chunk" = overlapping passages "<id>#0", ...
+  # each banked and indexed; "truncate" = only the first max_context_len tokens.
+  c.data.long_documents = "chunk"
+  c.data.chunk_overlap = 16  # Tokens consecutive passages of a document share.
   c.data.doc_buckets = (32, 64, 128)  # Padded passage lengths (jit shapes).
   c.data.qa_buckets = (32, 64, 128, 256, 512)  # Padded QA prompt+answer lengths.
 
@@ -74,6 +79,8 @@ def base() -> mlc.ConfigDict:
   c.bank.lowrank_rank = 4  # lowrank: rank k kept per layer matrix.
   c.bank.batch_size = 8  # Documents per jitted gradient call (per data shard).
   c.bank.rows_per_chunk = 1  # Bank rows per TensorStore chunk (1: K reads = K chunks).
+  # Seconds a knowledge-base writer waits for another to finish (0: fail at once).
+  c.bank.lock_timeout = 0.0
 
   # --- Retrieval (regrad_jax/retrieval) ---------------------------------------
   c.retrieval = mlc.ConfigDict()
