@@ -436,3 +436,30 @@ def test_long_documents_are_chunked_banked_and_mapped_back(wd):
   assert kb_lib.split_document(tok, "long", LONG, truncate) == [("long", LONG)]
   with pytest.raises(ValueError, match="would belong to two documents"):
     engine.inject([("x", LONG), ("x#0", "clash")])
+
+
+def test_bank_built_before_the_catalog_is_adopted_without_recomputing(wd):
+  """A format-1 bank (no row checksums, no manifest hash, no kb.sqlite): refused by
+  readers with what to run; build_bank then commits it, reusing every row."""
+  rows_before = committed_rows(wd)
+
+  def legacy(m):
+    m["format_version"] = 1
+    for key in ("checksums", "sha256"):
+      m.pop(key)
+  _edit_manifest(wd, legacy)
+  (wd / catalog_lib.FILE).unlink()
+  shutil.rmtree(wd / "index")
+  with pytest.raises(FileNotFoundError, match="no knowledge-base catalog.*launch.build_bank"):
+    ReGrad.load(wd, CONFIG)
+  _, report = pipeline.build_from_config(CONFIG, wd, progress=False)
+  assert report.computed == 0 and report.kb.added == 8
+  got = committed_rows(wd)
+  for i in rows_before:
+    for leaf in got[i]:
+      np.testing.assert_array_equal(got[i][leaf], rows_before[i][leaf])
+  victim = kb_lib.KnowledgeBase.open(wd).catalog.passages[0]  # Now checked on read.
+  path = row_chunks(wd, victim.row)[0]
+  data = path.read_bytes()
+  path.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
+  assert kb_lib.check(wd).damaged == [victim.id]

@@ -381,7 +381,7 @@ class Bank:
   def pin(self, rows: dict[str, int], checksums: dict[int, str]) -> None:
     """Serves exactly `rows` {id: row} (a knowledge-base catalog's committed
     state), verified against `checksums` {row: checksum}, whatever later rows the
-    manifest holds. KeyError naming a row that is not complete here."""
+    manifest holds. BankDamagedError naming the ids whose row is not complete here."""
     bad = [i for i, r in rows.items() if not (0 <= r < self.num_rows) or not self._complete[r]]
     if bad:
       raise BankDamagedError(f"gradient bank {self.path} lacks the committed rows of "

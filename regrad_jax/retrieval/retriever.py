@@ -53,11 +53,8 @@ def saved(directory) -> bool:
 
 
 def _file_sha(path: pathlib.Path) -> str:
-  h = hashlib.sha256()
   with open(path, "rb") as f:
-    for block in iter(lambda: f.read(1 << 20), b""):
-      h.update(block)
-  return h.hexdigest()
+    return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def make_index(retrieval_config) -> index_lib.Index:
