@@ -249,7 +249,7 @@ class KnowledgeBase:
     stamp = (r.stamp or {}) if r is not None else {}
     if r is not None and stamp.get("catalog_sha") == self.catalog.catalog_sha:
       if sorted(r.ids) != sorted(want):
-        raise catalog_lib.CatalogDamagedError(
+        raise retriever_lib.IndexDamagedError(
             f"index {path} does not hold the catalog's passages; repair: "
             "python -m launch.build_index --config=CONFIG --workdir=WORKDIR")
       return r

@@ -25,6 +25,7 @@ generation, fingerprint and settings. `open` verifies every text against its has
 every record and catalog_sha: a changed id, row, checksum or text is a
 CatalogDamagedError naming the file and the ids.
 """
+import collections
 import dataclasses
 import json
 import os
@@ -134,10 +135,8 @@ class Catalog:
     bad = [d[0] for d in docs if _text_sha(d[1]) != d[2] or _doc_record(d[0], d[2], d[3]) != d[4]]
     bad += [p.id for p, r in zip(self.passages, rows) if _text_sha(p.text) != p.sha
             or p.record() != r[-1]]
-    counts = {}
-    for p in self.passages:
-      counts[p.doc_id] = counts.get(p.doc_id, 0) + 1
-    bad += [d[0] for d in docs if counts.get(d[0], 0) != d[3]]
+    counts = collections.Counter(p.doc_id for p in self.passages)
+    bad += [d[0] for d in docs if counts[d[0]] != d[3]]
     bad += [p.id for p in self.passages if p.doc_id not in self.documents]
     if bad:
       raise CatalogDamagedError(f"{self.path} was altered: the records of {sorted(set(bad))[:10]}"
@@ -148,13 +147,11 @@ class Catalog:
 
   def content_sha(self) -> str:
     """The hash of everything committed (what catalog_sha must equal)."""
+    counts = collections.Counter(p.doc_id for p in self.passages)
     return _content_sha(self.generation, self.bank_fingerprint, self.settings,
-                        [_doc_record(i, _text_sha(t), self.num_passages(i))
+                        [_doc_record(i, _text_sha(t), counts[i])
                          for i, t in self.documents.items()],
                         [p.record() for p in self.passages])
-
-  def num_passages(self, doc_id: str) -> int:
-    return sum(1 for p in self.passages if p.doc_id == doc_id)
 
   @property
   def catalog_sha(self) -> str:
@@ -202,8 +199,8 @@ class Catalog:
       docs[doc_id] = text
       passages.update({p.id: p for p in parts})
     generation = self.generation + 1
-    doc_rows = [(i, t, _text_sha(t), sum(1 for p in passages.values() if p.doc_id == i))
-                for i, t in docs.items()]
+    counts = collections.Counter(p.doc_id for p in passages.values())
+    doc_rows = [(i, t, _text_sha(t), counts[i]) for i, t in docs.items()]
     doc_rows = [(*d, _doc_record(d[0], d[2], d[3])) for d in doc_rows]
     sha = _content_sha(generation, self.bank_fingerprint, self.settings,
                        [d[-1] for d in doc_rows], [p.record() for p in passages.values()])
@@ -212,8 +209,9 @@ class Catalog:
       removed = [(d,) for d in gone]
       con.executemany("DELETE FROM passages WHERE doc_id = ?", removed)
       con.executemany("DELETE FROM documents WHERE id = ?", removed)
+      added = {a[0] for a in add}
       con.executemany("INSERT INTO documents VALUES (?, ?, ?, ?, ?)",
-                      [d for d in doc_rows if d[0] in {a[0] for a in add}])
+                      [d for d in doc_rows if d[0] in added])
       con.executemany("INSERT INTO passages VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                       [(p.id, p.doc_id, p.part, p.text, p.sha, p.row, p.checksum,
                         int(p.truncated), p.record()) for _, _, ps in add for p in ps])
