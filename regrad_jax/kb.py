@@ -309,6 +309,21 @@ class KnowledgeBase:
     """
     pairs = bank_lib.validate_documents(documents)
     self.bank.check(identity=computer.identity, codec=computer.codec)
+    self._plan(pairs, computer.tokenizer, chunking, new_only)  # Raises before the lock.
+    with self._lock():
+      self._reload()  # Another writer may have committed meanwhile: plan again.
+      report, todo = self._plan(pairs, computer.tokenizer, chunking, new_only)
+      flat = [(pid, t) for _, _, ps in todo for pid, t in ps]
+      report.bank = self.bank.build(flat, computer, progress=progress) if flat else None
+      if parallel.is_chief() and todo:
+        self._commit_added(todo, report)
+      bank_lib._barrier(f"kb-add:{self.workdir}")  # pylint: disable=protected-access
+      self._reload()
+    return report
+
+  def _plan(self, pairs, tokenizer, chunking: Chunking, new_only: bool):
+    """(Report with `skipped`, [(doc id, text, passages)] to commit); raises on ids
+    present (new_only) or passage ids two documents would share."""
     cat = self.catalog
     if new_only:
       present = [i for i, _ in pairs if i in cat.documents]
@@ -321,7 +336,7 @@ class KnowledgeBase:
       if cat.documents.get(doc_id) == text:
         report.skipped += 1
         continue
-      todo.append((doc_id, text, split_document(computer.tokenizer, doc_id, text, chunking)))
+      todo.append((doc_id, text, split_document(tokenizer, doc_id, text, chunking)))
     owner = {p.id: p.doc_id for p in cat.passages}
     owner.update({pid: d for d, _, ps in todo for pid, _ in ps})
     clash = [pid for d, _, ps in todo for pid, _ in ps if owner.get(pid) != d]
@@ -329,14 +344,7 @@ class KnowledgeBase:
     if clash:
       raise ValueError(f"passage ids {clash[:10]} would belong to two documents "
                        "(a document id that looks like another's '<id>#<n>' passage)")
-    with self._lock():
-      flat = [(pid, t) for _, _, ps in todo for pid, t in ps]
-      report.bank = self.bank.build(flat, computer, progress=progress) if flat else None
-      if parallel.is_chief() and todo:
-        self._commit_added(todo, report)
-      bank_lib._barrier(f"kb-add:{self.workdir}")  # pylint: disable=protected-access
-      self._reload()
-    return report
+    return report, todo
 
   def _commit_added(self, todo, report: Report) -> None:
     """Chief: the rows and checksums of the computed passages -> one catalog commit."""
@@ -371,11 +379,11 @@ class KnowledgeBase:
     if isinstance(ids, str) or not all(isinstance(i, str) for i in ids):
       raise TypeError("remove expects a list of str document ids")
     ids = list(dict.fromkeys(ids))
-    unknown = [i for i in ids if i not in self.catalog.documents]
-    if unknown:
-      raise KeyError(f"documents not in the knowledge base: {unknown[:10]}")
-    pids = [p.id for p in self.catalog.passages_of(ids)]
+    self._known(ids)  # Before the lock ...
     with self._lock():
+      self._reload()
+      self._known(ids)  # ... and under it: another writer may have removed them.
+      pids = [p.id for p in self.catalog.passages_of(ids)]
       if parallel.is_chief():
         self.catalog = self.catalog.commit([], remove=ids)
       bank_lib._barrier(f"kb-remove:{self.workdir}")  # pylint: disable=protected-access
@@ -385,6 +393,11 @@ class KnowledgeBase:
       self.bank.delete([i for i in pids if i in self.bank.committed(pids)])
     return Report(removed=len(ids))
 
+  def _known(self, ids) -> None:
+    unknown = [i for i in ids if i not in self.catalog.documents]
+    if unknown:
+      raise KeyError(f"documents not in the knowledge base: {unknown[:10]}")
+
   def repair(self, passage_ids, computer) -> Report:
     """Recomputes these passages' rows from their stored texts (at the bank's
     theta*, `computer`) and commits the new rows."""
@@ -393,6 +406,8 @@ class KnowledgeBase:
     if unknown:
       raise KeyError(f"passages not in the knowledge base: {unknown[:10]}")
     with self._lock():
+      self._reload()
+      by_id = {p.id: p for p in self.catalog.passages}
       report = self.bank.replace([(i, by_id[i].text) for i in passage_ids], computer)
       if parallel.is_chief():
         self.bank.refresh()

@@ -463,3 +463,19 @@ def test_bank_built_before_the_catalog_is_adopted_without_recomputing(wd):
   data = path.read_bytes()
   path.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
   assert kb_lib.check(wd).damaged == [victim.id]
+
+
+def test_two_writers_lose_no_commit(wd):
+  """B was loaded before A's commit; its commit keeps A's, and B's index follows."""
+  a, b = ReGrad.load(wd, CONFIG), ReGrad.load(wd, CONFIG)
+  a.inject([worker.NEW_DOC])
+  b.inject([("other", "The lake Parmit is cold and deep in winter.")])
+  with pytest.raises(ValueError, match="already in the knowledge base"):
+    b.inject([worker.NEW_DOC])  # B sees A's document under the lock.
+  b.remove(["tiny-032"])
+  with pytest.raises(KeyError, match="tiny-032"):
+    a.remove(["tiny-032"])
+  docs = kb_lib.KnowledgeBase.open(wd).documents
+  assert {worker.NEW_DOC[0], "other"} <= set(docs) and "tiny-032" not in docs
+  assert sorted(b.retriever.ids) == sorted(docs)
+  assert kb_lib.check(wd).ok

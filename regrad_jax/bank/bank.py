@@ -46,6 +46,7 @@ max length, passage format) or codec raises BankMismatchError naming each
 difference.
 """
 import collections
+import concurrent.futures
 import contextlib
 import dataclasses
 import functools
@@ -79,6 +80,10 @@ class BankMismatchError(ValueError):
 
 class BankDamagedError(ValueError):
   """Stored data does not match its checksum (or is missing)."""
+
+
+# Threads that verify row checksums.
+_POOL = concurrent.futures.ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1))
 
 
 def _manifest_sha(m: dict) -> str:
@@ -491,15 +496,19 @@ class Bank:
     return raw
 
   def _verify(self, rows: np.ndarray, raw: dict) -> None:
-    """Checks each distinct read row against its recorded checksum."""
-    bad = []
-    for j, r in enumerate(rows.tolist()):
+    """Checks each distinct read row against its recorded checksum (rows in
+    parallel threads: zlib releases the GIL)."""
+
+    def ok(j_r):
+      j, r = j_r
       want = self._pinned_sums.get(r) if self._pinned is not None else None
       want = want or self._checksums.get(r)
       if want is None:  # A format-1 bank: rows carry no checksum.
-        continue
-      if store.row_checksum(self._manifest["ids"][r], {n: x[j] for n, x in raw.items()}) != want:
-        bad.append(r)
+        return True
+      return store.row_checksum(self._manifest["ids"][r],
+                                {n: x[j] for n, x in raw.items()}) == want
+    rows = rows.tolist()
+    bad = [r for r, good in zip(rows, _POOL.map(ok, enumerate(rows))) if not good]
     if bad:
       raise BankDamagedError(f"gradient bank {self.path}: rows {bad[:10]} (ids "
                              f"{[self._manifest['ids'][r] for r in bad[:10]]}) do not match "

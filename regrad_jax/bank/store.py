@@ -31,6 +31,7 @@ import os
 import pathlib
 import time
 import uuid
+import zlib
 
 import numpy as np
 import tensorstore as ts
@@ -134,12 +135,16 @@ def row_checksum(doc_id: str, parts: dict) -> str:
   Args:
     doc_id: the row's id (bound in: a row served under another id fails).
     parts: {array name: (*row_shape) array} the stored parts of the row.
+  NB: CRC-32 (zlib), read straight from the arrays' buffers: it detects damage
+  (a flipped bit, a truncated or swapped chunk) at ~1 GB/s, 4-5x faster than
+  sha256 here, which matters on every read (a SmolLM2 qzstd row is 1.5 MB). The
+  manifest and the catalog, which name the rows, carry sha256 hashes.
   """
-  h = hashlib.blake2b(doc_id.encode("utf-8", "surrogatepass"), digest_size=16)
+  crc = zlib.crc32(doc_id.encode("utf-8", "surrogatepass"))
   for name in sorted(parts):
-    h.update(name.encode())
-    h.update(np.ascontiguousarray(parts[name]).tobytes())
-  return h.hexdigest()
+    crc = zlib.crc32(name.encode(), crc)
+    crc = zlib.crc32(np.ascontiguousarray(parts[name]).reshape(-1).view(np.uint8), crc)
+  return f"crc32:{crc:08x}"
 
 
 def write_marker(commits_dir, writer: str, complete, refused: dict, truncated=(),
