@@ -48,6 +48,11 @@ def base() -> mlc.ConfigDict:
   c.data.distractors = "wiki_summaries.jsonl"  # Extra bank documents; "" = none.
   c.data.num_distractors = 0  # 0 = none, -1 = all.
   c.data.max_context_len = 128  # Passage truncation, in tokens.
+  # Documents longer than max_context_len in the knowledge base (launch.build_bank,
+  # ReGrad.inject; regrad_jax/kb.py): "chunk" = overlapping passages "<id>#0", ...
+  # each banked and indexed; "truncate" = only the first max_context_len tokens.
+  c.data.long_documents = "chunk"
+  c.data.chunk_overlap = 16  # Tokens consecutive passages of a document share.
   c.data.doc_buckets = (32, 64, 128)  # Padded passage lengths (jit shapes).
   c.data.qa_buckets = (32, 64, 128, 256, 512)  # Padded QA prompt+answer lengths.
 
@@ -92,6 +97,8 @@ def base() -> mlc.ConfigDict:
   # Token limit of a banked document; 0 = data.max_context_len (what meta-training
   # saw). The reference banks 2,048 tokens after training on 1,536.
   c.bank.max_context_len = 0
+  # Seconds a knowledge-base writer waits for another to finish (0: fail at once).
+  c.bank.lock_timeout = 0.0
 
   # --- Retrieval (regrad_jax/retrieval) ---------------------------------------
   c.retrieval = mlc.ConfigDict()

@@ -1,4 +1,5 @@
-r"""Indexes the corpus of config.eval.split for retrieval; writes WORKDIR/index.
+r"""Indexes the knowledge base's committed passages (launch.build_bank, injections;
+removed documents excluded) for retrieval; writes WORKDIR/index.
 
   python -m launch.build_index --config=configs/tiny.py --workdir=/tmp/regrad_tiny
 """

@@ -1,11 +1,13 @@
 """A bank build in its own process, for the kill/resume and multi-process tests.
 
   python tests/_bank_worker.py --bank DIR [--devices N] [--batch_size B]
-      [--sleep S] [--num_processes P --process_id I --port PORT]
+      [--sleep S] [--num_processes P --process_id I --port PORT] [--kb]
 
 Builds the tiny fixture bank (the same `fixture()` the tests import) and prints one
 JSON line with the report. `--sleep` pauses after each committed batch so a test
-can kill the build mid-way. JAX is imported only after the device flags are set.
+can kill the build mid-way; `--kb` commits the documents to a knowledge base in
+--bank's parent instead (regrad_jax/kb.py, long documents chunked). JAX is imported
+only after the device flags are set.
 """
 import argparse
 import json
@@ -16,6 +18,11 @@ MAX_LEN = 32
 BUCKETS = (16, 32)
 WORDS = ("alpha", "beta", "gamma", "delta", "river", "stone", "castle", "seven",
          "blue", "quiet", "north", "maple", "engine", "harbor", "violet", "owl")
+
+
+def kb_chunking():
+  from regrad_jax import kb  # pylint: disable=g-import-not-at-top
+  return kb.Chunking(mode="chunk", max_len=MAX_LEN, overlap=4)
 
 
 def fixture(num_docs: int = 24, config=None):
@@ -77,6 +84,7 @@ def main(argv):
   parser.add_argument("--num_processes", type=int, default=1)
   parser.add_argument("--process_id", type=int, default=0)
   parser.add_argument("--port", type=int, default=0)
+  parser.add_argument("--kb", action="store_true")
   args = parser.parse_args(argv)
 
   os.environ["JAX_PLATFORMS"] = "cpu"
@@ -91,6 +99,14 @@ def main(argv):
 
   setup = fixture()
   computer = make_computer(setup, batch_size=args.batch_size)
+  if args.kb:
+    from regrad_jax import kb  # pylint: disable=g-import-not-at-top
+    base = kb.KnowledgeBase.open_for(os.path.dirname(args.bank), computer)
+    report = base.add(setup[-1], computer, kb_chunking())
+    print(json.dumps({"process": jax.process_index(), "passages": len(base.bank.ids),
+                      "documents": len(base.documents),
+                      "computed": report.bank.computed}), flush=True)
+    return
   b = bank.Bank.open_for(args.bank, computer)
   on_batch = (lambda _: time.sleep(args.sleep)) if args.sleep else None
   report = b.build(setup[-1], computer, on_batch=on_batch)

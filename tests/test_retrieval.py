@@ -1,5 +1,6 @@
 """Retrieval: ScaNN vs exact search, persistence, upserts, BM25, the encoder, Retriever."""
 import dataclasses
+import json
 import pathlib
 
 import jax
@@ -9,6 +10,7 @@ import pytest
 from configs import common
 from regrad_jax import retrieval
 from regrad_jax.retrieval import encoder as encoder_lib
+from regrad_jax.retrieval import retriever as retriever_lib
 
 
 def _unit(rng, n, d):
@@ -292,14 +294,35 @@ def test_retriever_roundtrip(backend, tmp_path):
     loaded.search(["anything"], 1)
 
 
-def test_build_and_save_tiny_corpus(tmp_path):
-  from regrad_jax import data
-  config = _config("scann")
-  config.data.name = "tiny"
-  retriever = retrieval.build_and_save(config, tmp_path)
-  corpus = data.load_corpus(config, split=config.eval.split)
-  loaded = retrieval.Retriever.load(tmp_path / "index")
-  assert loaded.ids == [d.id for d in corpus]
-  ids, _ = loaded.search([d.text for d in corpus], 1)
-  assert [row[0] for row in ids] == [d.id for d in corpus]
-  assert len(retriever) == len(corpus)
+def test_saved_retriever_is_verified(tmp_path):
+  """Saves commit through current.json; any changed file or id is refused, naming
+  it; a folder in the layout before current.json still loads (unverified)."""
+  docs = [_Doc(k, v) for k, v in _DOCS.items()]
+  retriever = retrieval.Retriever.build(_config("brute"), docs)
+  retriever.save(tmp_path / "i", stamp={"generation": 3})
+  retriever.save(tmp_path / "i", stamp={"generation": 4})  # Replaces the first save.
+  assert len(list((tmp_path / "i").glob("v-*"))) == 1
+  loaded = retrieval.Retriever.load(tmp_path / "i")
+  assert loaded.stamp == {"generation": 4} and loaded.ids == retriever.ids
+  folder = next((tmp_path / "i").glob("v-*"))
+  meta = json.loads((folder / "index.json").read_text())
+  meta["ids"][:2] = meta["ids"][1::-1]  # Valid JSON, two ids swapped.
+  (folder / "index.json").write_text(json.dumps(meta))
+  with pytest.raises(retriever_lib.IndexDamagedError, match="index.json was altered"):
+    retrieval.Retriever.load(tmp_path / "i")
+  retriever.save(tmp_path / "i", stamp={"generation": 5})
+  pointer = json.loads((tmp_path / "i" / "current.json").read_text())
+  pointer["stamp"]["generation"] = 6
+  (tmp_path / "i" / "current.json").write_text(json.dumps(pointer))
+  with pytest.raises(retriever_lib.IndexDamagedError, match="current.json was altered"):
+    retrieval.Retriever.load(tmp_path / "i")
+  retriever.save(tmp_path / "i")
+  next((tmp_path / "i").glob("v-*/embeddings.npy")).unlink()
+  with pytest.raises(retriever_lib.IndexDamagedError, match="embeddings.npy is missing"):
+    retrieval.Retriever.load(tmp_path / "i")
+  legacy = tmp_path / "legacy"  # What save wrote before: files directly in the folder.
+  retriever.index.save(legacy)
+  (legacy / "retriever.json").write_text(json.dumps(
+      {"encoder": retriever.encoder.spec, "batch_size": 8}))
+  old = retrieval.Retriever.load(legacy)
+  assert old.ids == retriever.ids and old.stamp is None

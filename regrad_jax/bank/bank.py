@@ -22,6 +22,14 @@ process computes its `process_slice` of the pending rows and commits each batch:
 TensorStore writes, then a commit marker (store.py). A build killed at any point
 restarts with the same call and computes exactly the rows that have no marker.
 
+Integrity. The manifest carries a sha256 of its own content (a valid-JSON edit,
+e.g. two ids swapped or another lora_config, is refused naming the file) and a
+checksum per committed row (store.row_checksum of its id and stored bytes),
+verified on every read: a missing, truncated or altered chunk is a BankDamagedError
+naming the rows, never a gradient. Opening never creates or deletes anything;
+`create` refuses a folder that holds arrays without a manifest (a damaged bank),
+and builds a new bank in a temporary folder renamed into place.
+
 Readers. `Bank.open` loads the manifest plus any markers, so a reader sees every
 committed row even while a build is running; `refresh()` picks up later commits.
 `gather` reads the rows of many queries in one batch of asynchronous TensorStore
@@ -38,11 +46,14 @@ max length, passage format) or codec raises BankMismatchError naming each
 difference.
 """
 import collections
+import concurrent.futures
 import contextlib
 import dataclasses
 import functools
+import os
 import pathlib
 import time
+import uuid
 from typing import Callable
 
 import jax
@@ -58,12 +69,25 @@ from regrad_jax.bank import codecs
 from regrad_jax.bank import compute
 from regrad_jax.bank import store
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: row checksums and a manifest hash; 1 (no checks) still read.
 MANIFEST = "manifest.json"
+REPAIR = "python -m launch.check_kb --workdir=WORKDIR --config=CONFIG --repair"
 
 
 class BankMismatchError(ValueError):
   """The bank was built from other weights, theta*, tokenizer, ... or codec."""
+
+
+class BankDamagedError(ValueError):
+  """Stored data does not match its checksum (or is missing)."""
+
+
+# Threads that verify row checksums.
+_POOL = concurrent.futures.ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1))
+
+
+def _manifest_sha(m: dict) -> str:
+  return store.json_sha({k: v for k, v in m.items() if k != "sha256"})
 
 
 @dataclasses.dataclass
@@ -112,7 +136,7 @@ def _from_ranges(ranges, n: int) -> np.ndarray:
   return flags
 
 
-def _as_pairs(docs) -> list[tuple[str, str]]:
+def validate_documents(docs) -> list[tuple[str, str]]:
   """Validates documents ((id, text) pairs or objects with .id and .text)."""
   pairs, empty, seen, dupes = [], [], set(), set()
   for i, d in enumerate(docs):
@@ -127,6 +151,12 @@ def _as_pairs(docs) -> list[tuple[str, str]]:
       raise TypeError(f"document {i}: id must be a non-empty str, got {doc_id!r}")
     if not isinstance(text, str):
       raise TypeError(f"document {doc_id!r}: text must be a str, got {type(text).__name__}")
+    for what, value in (("id", doc_id), ("text", text)):
+      try:
+        value.encode("utf-8")
+      except UnicodeEncodeError as e:
+        raise ValueError(f"document {doc_id!r}: its {what} is not valid Unicode "
+                         f"({e.reason} at position {e.start}: {value[e.start]!r})") from None
     if not text.strip():
       empty.append(doc_id)
     if doc_id in seen:
@@ -193,6 +223,8 @@ class Bank:
     self.path = pathlib.Path(path)
     self._arrays = {}
     self._array_rows = -1
+    self._pinned, self._pinned_sums = None, {}
+    self.lock_timeout = 0.0  # Seconds a writer waits for another (0: fails at once).
     self.refresh()
 
   # --- Opening ------------------------------------------------------------------
@@ -213,15 +245,24 @@ class Bank:
     path = pathlib.Path(path)
     if (path / MANIFEST).exists():
       raise FileExistsError(f"a bank already exists at {path}")
-    path.mkdir(parents=True, exist_ok=True)
-    (path / "commits").mkdir(exist_ok=True)
+    if path.exists() and any(path.iterdir()):
+      raise FileExistsError(
+          f"{path} is not empty but holds no {MANIFEST}: a damaged bank or another "
+          f"folder; refusing to overwrite it (restore {path / MANIFEST}, or move the "
+          "folder away to build a new bank)")
+    # Built in a temporary sibling and renamed into place: a crash leaves either
+    # no bank or a whole one, never arrays without a manifest.
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.creating-{uuid.uuid4().hex[:8]}")
+    tmp.mkdir()
+    (tmp / "commits").mkdir()
     leaf_shapes = {k: tuple(int(s) for s in v) for k, v in leaf_shapes.items()}
     for leaf, shape in leaf_shapes.items():
       for name, part in codec.parts(shape).items():
-        store.create_array(path / "arrays" / leaf / name, (0,) + part.shape, part.dtype,
+        store.create_array(tmp / "arrays" / leaf / name, (0,) + part.shape, part.dtype,
                            rows_per_chunk, part.zstd)
     ident = identity.to_dict()
-    store.write_json_atomic(path / MANIFEST, {
+    m = {
         "format_version": FORMAT_VERSION,
         "codec": codec.to_dict(),
         "identity": ident,
@@ -230,8 +271,14 @@ class Bank:
         "leaf_shapes": {k: list(v) for k, v in leaf_shapes.items()},
         "rows_per_chunk": int(rows_per_chunk),
         "ids": [], "sha": [], "complete": [], "deleted": [], "refused": {},
-        "truncated": [],
-    })
+        "truncated": [], "checksums": {},
+    }
+    m["sha256"] = _manifest_sha(m)
+    store.write_json_atomic(tmp / MANIFEST, m)
+    if path.exists():
+      path.rmdir()  # Empty (checked above).
+    os.rename(tmp, path)
+    store.fsync_dir(path.parent)
     return cls(path)
 
   @classmethod
@@ -240,7 +287,13 @@ class Bank:
     """Opens an existing bank; refuses another identity or codec when given."""
     path = pathlib.Path(path)
     if not (path / MANIFEST).exists():
-      raise FileNotFoundError(f"no gradient bank at {path} (missing {MANIFEST})")
+      if (path / "arrays").exists():
+        raise BankDamagedError(
+            f"gradient bank {path} is damaged: {path / MANIFEST} is missing (its "
+            f"arrays are there); restore the manifest, or move {path} away and "
+            "rebuild with python -m launch.build_bank")
+      raise FileNotFoundError(f"no gradient bank at {path} (missing {MANIFEST}; "
+                              "build one with python -m launch.build_bank)")
     bank = cls(path)
     bank.check(identity=identity, codec=codec)
     return bank
@@ -248,7 +301,9 @@ class Bank:
   @classmethod
   def open_for(cls, path, computer: compute.GradientComputer, *,
                rows_per_chunk: int = 1) -> "Bank":
-    """Opens the bank at `path` for `computer`'s gradients, creating it if absent.
+    """Opens the bank at `path` for `computer`'s gradients, creating it if absent
+    (a write path: readers use `open`). A folder with arrays but no manifest is
+    refused, never overwritten.
 
     Every process of a multi-process run calls this; the chief creates.
     """
@@ -267,6 +322,9 @@ class Bank:
       problems += self.identity.mismatches(identity)
     if codec is not None and codec.to_dict() != self.codec.to_dict():
       problems.append(f"codec (bank {self.codec.to_dict()}, given {codec.to_dict()})")
+    if identity is not None and repr(self._lora_config_obj()) != identity.lora:
+      problems.append(f"LoRA config (bank manifest {self.lora_config}, given "
+                      f"{identity.lora})")
     if problems:
       raise BankMismatchError(f"gradient bank {self.path} was built with a different "
                               + "; ".join(problems))
@@ -276,19 +334,31 @@ class Bank:
   def refresh(self) -> None:
     """Reloads the manifest and commit markers (sees rows committed since)."""
     marker_paths = store.list_markers(self.path / "commits")
-    m = store.read_json(self.path / MANIFEST)
-    if m.get("format_version") != FORMAT_VERSION:
-      raise ValueError(f"{self.path}: bank format {m.get('format_version')} is not "
+    path = self.path / MANIFEST
+    if not path.exists():
+      raise BankDamagedError(f"gradient bank {self.path} is damaged: {path} is missing")
+    m = store.read_json(path)
+    version = m.get("format_version") if isinstance(m, dict) else None
+    if version not in (1, FORMAT_VERSION):
+      raise ValueError(f"{self.path}: bank format {version} is not "
                        f"supported (expected {FORMAT_VERSION})")
+    if version == FORMAT_VERSION and m.get("sha256") != _manifest_sha(m):
+      raise BankDamagedError(
+          f"{path} was altered (its content does not match its sha256): ids, rows or "
+          "settings cannot be trusted; restore it, or move the bank away and rebuild "
+          "with python -m launch.build_bank")
     markers = store.read_markers(marker_paths)
     n = len(m["ids"])
     complete = _from_ranges(m["complete"], n)
     refused = {int(r): why for r, why in m["refused"].items()}
     truncated = set(m["truncated"])
+    checksums = {int(r): c for r, c in m.get("checksums", {}).items()}
     for _, mk in markers:  # Rows >= n belong to a newer manifest: ignored.
       complete[[r for r in mk["complete"] if r < n]] = True
       refused.update({int(r): why for r, why in mk["refused"].items() if int(r) < n})
       truncated.update(r for r in mk["truncated"] if r < n)
+      checksums.update({int(r): c for r, c in mk.get("checksums", {}).items()
+                        if int(r) < n})
     deleted = set(m["deleted"])
     by_id, latest, live = collections.defaultdict(list), {}, {}
     for row, doc_id in enumerate(m["ids"]):
@@ -301,7 +371,9 @@ class Bank:
     self._manifest, self._markers = m, [p for p, _ in markers]
     self._complete, self._refused = complete, refused
     self._truncated, self._deleted = truncated, deleted
-    self._by_id, self._latest, self._live = by_id, latest, live
+    self._checksums = checksums
+    self._by_id, self._latest, self._own_live = by_id, latest, live
+    self._live = live if self._pinned is None else self._pinned
     self.codec = codecs.from_dict(m["codec"])
     self.identity = compute.Identity.from_dict(m["identity"])
     self.leaf_shapes = {k: tuple(v) for k, v in m["leaf_shapes"].items()}
@@ -310,6 +382,44 @@ class Bank:
                       for leaf, shape in self.leaf_shapes.items()
                       for part in self.codec.parts(shape)}
       self._array_rows = n
+
+  def pin(self, rows: dict[str, int], checksums: dict[int, str]) -> None:
+    """Serves exactly `rows` {id: row} (a knowledge-base catalog's committed
+    state), verified against `checksums` {row: checksum}, whatever later rows the
+    manifest holds. BankDamagedError naming the ids whose row is not complete here."""
+    bad = [i for i, r in rows.items() if not (0 <= r < self.num_rows) or not self._complete[r]]
+    if bad:
+      raise BankDamagedError(f"gradient bank {self.path} lacks the committed rows of "
+                             f"{bad[:10]} (rows {[rows[i] for i in bad[:10]]})")
+    self._pinned, self._pinned_sums = dict(rows), dict(checksums)
+    self._live = self._pinned
+
+  def unpin(self) -> None:
+    """Serves the manifest's own latest rows again."""
+    self._pinned, self._pinned_sums = None, {}
+    self._live = self._own_live
+
+  def committed(self, ids) -> dict[str, tuple[int, str | None]]:
+    """{id: (row, checksum)} of the bank's own latest complete rows of `ids` (the
+    manifest's view, whatever is pinned); ids without one are left out."""
+    return {i: (r, self._checksums.get(r)) for i in ids
+            if (r := self._own_live.get(i)) is not None}
+
+  def is_truncated(self, row: int) -> bool:
+    """Whether a row's gradient was taken on a text cut to max_len."""
+    return int(row) in self._truncated
+
+  def stored_checksums(self, rows) -> dict[int, str]:
+    """{row: row_checksum} of the bytes stored now (rows with a recorded checksum
+    are verified by the read; format-1 rows, which have none, are hashed)."""
+    rows = np.unique(np.asarray(rows, np.int64))
+    raw = self._read_raw(rows) if len(rows) else {}
+    return {int(r): store.row_checksum(self._manifest["ids"][r], {n: x[j] for n, x in raw.items()})
+            for j, r in enumerate(rows)}
+
+  def row_text_sha(self, row: int) -> str:
+    """The text hash a row was computed from (compute.text_sha)."""
+    return self._manifest["sha"][row]
 
   @property
   def ids(self) -> list[str]:
@@ -331,6 +441,11 @@ class Bank:
   def fingerprint(self) -> str:
     """One hash of the identity (the parts are in `identity`)."""
     return self._manifest["fingerprint"]
+
+  def _lora_config_obj(self):
+    from regrad_jax.model.lora import LoraConfig  # pylint: disable=g-import-not-at-top
+    d = self._manifest["lora_config"]
+    return LoraConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
   @property
   def lora_config(self) -> dict:
@@ -370,9 +485,34 @@ class Bank:
               for name, arr in self._arrays.items()}
     n = len(rows)
     size = min(b for j in range(n.bit_length() + 1) for b in (1 << j, 3 << j) if b >= n)
-    rows = np.concatenate([rows, np.repeat(rows[-1:], size - n)])
-    futures = {name: arr[rows].read() for name, arr in self._arrays.items()}
-    return {name: f.result() for name, f in futures.items()}
+    padded = np.concatenate([rows, np.repeat(rows[-1:], size - n)])
+    futures = {name: arr[padded].read() for name, arr in self._arrays.items()}
+    try:
+      raw = {name: f.result() for name, f in futures.items()}
+    except (ValueError, RuntimeError) as e:  # TensorStore: missing / corrupt chunk.
+      raise BankDamagedError(f"gradient bank {self.path}: rows {rows[:10].tolist()} "
+                             f"cannot be read ({e}); repair: {REPAIR}") from e
+    self._verify(rows, raw)
+    return raw
+
+  def _verify(self, rows: np.ndarray, raw: dict) -> None:
+    """Checks each distinct read row against its recorded checksum (rows in
+    parallel threads: zlib releases the GIL)."""
+
+    def ok(j_r):
+      j, r = j_r
+      want = self._pinned_sums.get(r) if self._pinned is not None else None
+      want = want or self._checksums.get(r)
+      if want is None:  # A format-1 bank: rows carry no checksum.
+        return True
+      return store.row_checksum(self._manifest["ids"][r],
+                                {n: x[j] for n, x in raw.items()}) == want
+    rows = rows.tolist()
+    bad = [r for r, good in zip(rows, _POOL.map(ok, enumerate(rows))) if not good]
+    if bad:
+      raise BankDamagedError(f"gradient bank {self.path}: rows {bad[:10]} (ids "
+                             f"{[self._manifest['ids'][r] for r in bad[:10]]}) do not match "
+                             f"their checksums; repair: {REPAIR}")
 
   def read_rows(self, rows) -> dict[str, np.ndarray]:
     """Decoded rows {leaf: (R, *shape) float32 NumPy}."""
@@ -444,7 +584,7 @@ class Bank:
 
     Rows an interrupted append reserved are resumed, not reported as present.
     """
-    pairs = _as_pairs(docs)
+    pairs = validate_documents(docs)
     self.refresh()
     present = [i for i, _ in pairs if i in self._live]
     if present:
@@ -453,7 +593,7 @@ class Bank:
 
   def replace(self, docs, computer: compute.GradientComputer, **kw) -> BuildReport:
     """Recomputes the gradients of existing ids into new rows (text may change)."""
-    pairs = _as_pairs(docs)
+    pairs = validate_documents(docs)
     self.refresh()
     unknown = [i for i, _ in pairs if i not in self._latest]
     if unknown:
@@ -496,10 +636,11 @@ class Bank:
       for start in range(0, len(ids), batch_rows):
         rows = np.arange(start, min(start + batch_rows, len(ids)))
         parts = jax.device_get(encode(self.read_rows(src_rows[rows])))
-        for f in dst._issue_writes(rows, parts, np.arange(len(rows))):
+        futures, sums = dst._issue_writes(rows, parts, np.arange(len(rows)))
+        for f in futures:
           f.result()
         store.write_marker(dst.path / "commits", "transcode", rows, {},
-                           [r for r in rows if r in cut])
+                           [r for r in rows if r in cut], sums)
       dst.refresh()
       dst._commit_manifest()
     return dst
@@ -512,7 +653,7 @@ class Bank:
     if {k: tuple(v) for k, v in computer.leaf_shapes.items()} != self.leaf_shapes:
       raise BankMismatchError(f"gradient shapes {computer.leaf_shapes} differ from "
                               f"the bank's {self.leaf_shapes}")
-    pairs = _as_pairs(docs)
+    pairs = validate_documents(docs)
     report = BuildReport()
     with self._chief_lock():
       if parallel.is_chief():
@@ -586,11 +727,11 @@ class Bank:
       """Marks committed batches; waits while more than max_pending are in flight."""
       while writing and (len(writing) > max_pending
                          or all(f.done() for f in writing[0][2])):
-        done, refused, futures = writing.popleft()
+        done, refused, futures, sums = writing.popleft()
         for f in futures:
           f.result()
         cut = [r for r in done + list(refused) if r in truncated]
-        store.write_marker(self.path / "commits", writer, done, refused, cut)
+        store.write_marker(self.path / "commits", writer, done, refused, cut, sums)
         report.computed += len(done)
         report.truncated += len(cut)
         bar.update(len(done) + len(refused))
@@ -617,13 +758,24 @@ class Bank:
     for r, why in refused.items():
       logging.warning("bank %s: row %d refused: %s", self.path, r, why)
     keep = np.flatnonzero(ok)
-    futures = self._issue_writes(rows[keep], parts, keep) if keep.size else []
-    return [int(r) for r in rows[keep]], refused, futures
+    futures, sums = self._issue_writes(rows[keep], parts, keep) if keep.size else ([], {})
+    return [int(r) for r in rows[keep]], refused, futures, sums
 
-  def _issue_writes(self, rows: np.ndarray, parts: dict, select: np.ndarray) -> list:
-    """Starts writing parts[leaf][part][select] to `rows`; returns commit futures."""
-    return [self._arrays[f"{leaf}/{p}"][rows].write(np.asarray(x)[select]).commit
-            for leaf, leaf_parts in parts.items() for p, x in leaf_parts.items()]
+  def _issue_writes(self, rows: np.ndarray, parts: dict, select: np.ndarray
+                    ) -> tuple[list, dict]:
+    """Starts writing parts[leaf][part][select] to `rows`.
+
+    Returns the commit futures and {row: row_checksum} of the bytes written (in
+    the stored dtypes, as a read returns them).
+    """
+    flat = {f"{leaf}/{p}": np.asarray(x)[select].astype(
+                self._arrays[f"{leaf}/{p}"].dtype.numpy_dtype, copy=False)
+            for leaf, leaf_parts in parts.items() for p, x in leaf_parts.items()}
+    futures = [self._arrays[name][rows].write(x).commit for name, x in flat.items()]
+    sums = {int(r): store.row_checksum(self._manifest["ids"][int(r)],
+                                       {n: x[j] for n, x in flat.items()})
+            for j, r in enumerate(rows)}
+    return futures, sums
 
   def _commit_manifest(self, fold: bool = True) -> None:
     """Chief: writes the in-memory state as the manifest.
@@ -633,12 +785,15 @@ class Bank:
     """
     m = self._manifest
     if fold:
-      for doc_id, row in self._live.items():
+      for doc_id, row in self._own_live.items():
         self._deleted.update(r for r in self._by_id[doc_id] if r < row)
     m["complete"] = _to_ranges(self._complete)
     m["refused"] = {str(r): why for r, why in sorted(self._refused.items())}
     m["truncated"] = sorted(int(r) for r in self._truncated)
     m["deleted"] = sorted(int(r) for r in self._deleted)
+    m["checksums"] = {str(r): c for r, c in sorted(self._checksums.items())}
+    m["format_version"] = FORMAT_VERSION  # A format-1 bank is upgraded by a write.
+    m["sha256"] = _manifest_sha(m)
     store.write_json_atomic(self.path / MANIFEST, m)
     if fold:
       for p in self._markers:
@@ -648,7 +803,7 @@ class Bank:
   @contextlib.contextmanager
   def _chief_lock(self):
     if parallel.is_chief():
-      with store.writer_lock(self.path):
+      with store.writer_lock(self.path, self.lock_timeout):
         yield
     else:
       yield

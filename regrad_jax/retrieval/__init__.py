@@ -2,7 +2,7 @@
 
 Public API:
   Retriever.build(config, documents) / .search(questions, k) / .save / .load
-  build_and_save(config, workdir)       corpus of config.eval.split -> workdir/index
+  build_and_save(config, workdir)       the knowledge base's passages -> workdir/index
   Encoder.load("minilm") / Encoder.tiny() / .embed(texts)
   encode(params, config, token_ids, mask), load_minilm(path=None)
   ScannIndex, BruteForceIndex, BM25Index, exact_search, load_index, make_index

@@ -11,20 +11,50 @@ BM25 on the raw text, chosen by `config.retrieval`:
 
 Ids are the documents' own ids, the same keys as the bank's rows; `add`
 (upsert) and `remove` keep the index in step when the bank changes.
+
+On disk. `save(directory, stamp)` writes the index into a fresh folder
+directory/v-<uuid>/ and then, as its commit point, directory/current.json
+(atomic rename): the folder's name, a sha256 of every file in it, a hash of the
+ids in row order, the caller's `stamp` (the knowledge base's catalog generation
+and hash) and a hash of all that. Older folders are removed after. `load`
+verifies every hash: a changed, missing or swapped file or id is an
+IndexDamagedError naming it. A folder saved before current.json existed (files
+directly in `directory`) still loads, unverified and with no stamp.
 """
+import hashlib
 import json
 import os
 import pathlib
+import shutil
+import uuid
 from typing import Any, Iterable, Sequence
 
 from absl import logging
 import numpy as np
 
+from regrad_jax.bank import store
 from regrad_jax.retrieval import bm25
 from regrad_jax.retrieval import encoder as encoder_lib
 from regrad_jax.retrieval import index as index_lib
 
 _RETRIEVER_JSON = "retriever.json"
+_CURRENT = "current.json"
+_LEGACY = ("index.json", "embeddings.npy", _RETRIEVER_JSON, "scann", "bm25s")
+
+
+class IndexDamagedError(ValueError):
+  """A saved index does not match its hashes (or a file is missing)."""
+
+
+def saved(directory) -> bool:
+  """Whether `directory` holds a saved retriever (either layout)."""
+  d = pathlib.Path(directory)
+  return (d / _CURRENT).is_file() or (d / _RETRIEVER_JSON).is_file()
+
+
+def _file_sha(path: pathlib.Path) -> str:
+  with open(path, "rb") as f:
+    return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def make_index(retrieval_config) -> index_lib.Index:
@@ -72,6 +102,7 @@ class Retriever:
     if dense and len(index) and index.dim != encoder.dim:
       raise ValueError(f"Index dim {index.dim} != encoder dim {encoder.dim}.")
     self.index, self.encoder, self.batch_size = index, encoder, batch_size
+    self.stamp = None  # What `save` was given (set by `load`).
 
   @classmethod
   def build(cls, config, documents: Iterable[Any]) -> "Retriever":
@@ -129,25 +160,67 @@ class Retriever:
     queries = questions if self.encoder is None else self._embed(questions)
     return self.index.search(queries, k)
 
-  def save(self, directory: str | os.PathLike) -> None:
-    """Writes the index plus retriever.json (encoder spec, batch size) to
-    `directory`."""
+  def save(self, directory: str | os.PathLike, stamp: dict | None = None) -> None:
+    """Writes the index plus retriever.json (encoder spec, batch size) into a new
+    folder under `directory`, then commits it with current.json (module
+    docstring); `stamp` (JSON) is stored with it and returned by `load`."""
     directory = pathlib.Path(directory)
-    self.index.save(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    name = f"v-{uuid.uuid4().hex[:12]}"
+    folder = directory / name
+    self.index.save(folder)
     meta = {"encoder": None if self.encoder is None else self.encoder.spec,
             "batch_size": self.batch_size}
-    (directory / _RETRIEVER_JSON).write_text(json.dumps(meta))
+    (folder / _RETRIEVER_JSON).write_text(json.dumps(meta))
+    files = {}
+    for p in sorted(folder.rglob("*")):
+      if p.is_file():
+        with open(p, "rb") as f:
+          os.fsync(f.fileno())
+        files[str(p.relative_to(folder))] = _file_sha(p)
+    pointer = {"format_version": 1, "dir": name, "files": files,
+               "ids_sha": store.json_sha(self.index.ids), "stamp": stamp}
+    pointer["sha256"] = store.json_sha(pointer)
+    store.write_json_atomic(directory / _CURRENT, pointer)  # The commit point.
+    for old in directory.iterdir():  # Earlier saves (and a legacy layout's files).
+      if old.name == name or not (old.name.startswith("v-") or old.name in _LEGACY):
+        continue
+      if old.is_dir():
+        shutil.rmtree(old)
+      else:
+        old.unlink()
 
   @classmethod
   def load(cls, directory: str | os.PathLike) -> "Retriever":
-    """Reads a retriever written by `save`, rebuilding its encoder from the spec."""
+    """Reads a retriever written by `save`, verified, rebuilding its encoder from
+    the spec. IndexDamagedError names a file or id that does not match."""
     directory = pathlib.Path(directory)
-    path = directory / _RETRIEVER_JSON
+    folder, pointer = directory, None
+    if (directory / _CURRENT).is_file():
+      pointer = store.read_json(directory / _CURRENT)
+      if pointer.get("sha256") != store.json_sha(
+          {k: v for k, v in pointer.items() if k != "sha256"}):
+        raise IndexDamagedError(f"{directory / _CURRENT} was altered (does not match "
+                                "its sha256)")
+      folder = directory / pointer["dir"]
+      for rel, sha in pointer["files"].items():
+        if not (folder / rel).is_file():
+          raise IndexDamagedError(f"index file {folder / rel} is missing")
+        if _file_sha(folder / rel) != sha:
+          raise IndexDamagedError(f"index file {folder / rel} was altered (does not "
+                                  "match its sha256)")
+    path = folder / _RETRIEVER_JSON
     if not path.is_file():
       raise FileNotFoundError(f"No saved retriever in {directory} (missing {_RETRIEVER_JSON}).")
     meta = json.loads(path.read_text())
     encoder = None if meta["encoder"] is None else encoder_lib.Encoder.from_spec(meta["encoder"])
-    return cls(load_index(directory), encoder, meta["batch_size"])
+    out = cls(load_index(folder), encoder, meta["batch_size"])
+    if pointer is not None:
+      if store.json_sha(out.ids) != pointer["ids_sha"]:
+        raise IndexDamagedError(f"index {folder}: its ids do not match the hash saved "
+                                "with them")
+      out.stamp = pointer["stamp"]
+    return out
 
   def _embed(self, texts: list[str]) -> np.ndarray | None:
     if self.encoder is None:
@@ -165,13 +238,13 @@ def _unpack(documents: Iterable[Any]) -> tuple[list[str], list[str]]:
 
 
 def build_and_save(config, workdir: str | os.PathLike) -> Retriever:
-  """Indexes the corpus of `config.eval.split` and saves it to `workdir`/index."""
-  # Imported here, not at the top: regrad_jax.data may use this package (BM25
-  # neighbours for meta-training tasks), and searching needs no data module.
-  from regrad_jax import data
-  documents = data.load_corpus(config, split=config.eval.split)
-  retriever = Retriever.build(config, documents)
+  """Indexes exactly the knowledge base's committed passages (launch.build_bank
+  and injections; removed documents excluded) and saves it to `workdir`/index."""
+  # Imported here, not at the top: the knowledge base imports this package.
+  from regrad_jax import kb as kb_lib
+  kb = kb_lib.KnowledgeBase.open(workdir)
+  retriever = Retriever.build(config, kb.passages)
+  kb.save_index(retriever)
   out = pathlib.Path(workdir) / "index"
-  retriever.save(out)
   logging.info("Saved the %s index of %d documents to %s.", retriever.index.kind, len(retriever), out)
   return retriever
