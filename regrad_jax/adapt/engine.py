@@ -17,6 +17,7 @@ import pathlib
 import numpy as np
 from tqdm import tqdm
 
+from regrad_jax import batching
 from regrad_jax import prompts as prompts_lib
 from regrad_jax.adapt import online
 from regrad_jax.bank import bank as bank_lib
@@ -25,6 +26,12 @@ from regrad_jax.meta import state as state_lib
 from regrad_jax.model import loaders
 from regrad_jax.model import sampling
 from regrad_jax.retrieval import retriever as retriever_lib
+
+
+def batch_buckets(batch_size: int) -> tuple[int, ...]:
+  """Padded query-batch sizes: 1, 2, 4, ... below batch_size, then batch_size."""
+  return tuple(sorted({1 << i for i in range(batch_size.bit_length())
+                       if 1 << i < batch_size} | {batch_size}))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,7 +124,9 @@ class ReGrad:
 
   def _answer_batch(self, questions, ids_per_query, mode, gamma) -> list[str]:
     n = len(questions)
-    pad = self.batch_size - n  # Fixed batch shape: repeat the last query.
+    # A few batch shapes (powers of two up to batch_size): one question decodes
+    # one row, not batch_size copies of it. Padding repeats the last query.
+    pad = batching.bucket(n, batch_buckets(self.batch_size)) - n
     questions = questions + [questions[-1]] * pad
     ids_per_query = list(ids_per_query) + [ids_per_query[-1]] * pad
     grad_sums = self.bank.gather_sum(ids_per_query)

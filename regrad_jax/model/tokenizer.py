@@ -86,10 +86,14 @@ class Tokenizer:
         out.append(i)
     return self._tok.decode(out, skip_special_tokens=False)
 
+  def to_str(self) -> str:
+    """The tokenizer.json text (tokenizers.Tokenizer.from_str rebuilds it)."""
+    return self._tok.to_str()
+
   def fingerprint(self) -> str:
     """sha256 of the tokenizer.json and the BOS/EOS/PAD ids (what fixes the ids)."""
     return hashlib.sha256(
-        (self._tok.to_str() + json.dumps([self.bos_id, self.eos_id, self.pad_id])
+        (self.to_str() + json.dumps([self.bos_id, self.eos_id, self.pad_id])
          ).encode()).hexdigest()
 
 
