@@ -69,8 +69,7 @@ def test_damaged_cache_is_refused_and_rebuilt(gguf_file, monkeypatch, caplog, da
   fresh = _fresh(gguf_file, monkeypatch)
   loaders.load_gguf(gguf_file)
   entry = weights_cache.cache_path(gguf_file)
-  good_tensors, good_meta = weights_cache._parse(entry)
-  good_tensors = {n: a.tobytes() for n, a in good_tensors.items()}  # Off the map.
+  good_tensors, good_meta, _ = weights_cache._read_file(entry, np.ndarray.tobytes)
   good = entry.read_bytes()
   bad = bytearray(good)
   if damage == "flip":
@@ -84,7 +83,7 @@ def test_damaged_cache_is_refused_and_rebuilt(gguf_file, monkeypatch, caplog, da
     assert weights_cache.read(gguf_file, transformer.param_shapes) is None
   assert "refusing" in caplog.text and str(entry) in caplog.text
   _assert_same(loaders.load_gguf(gguf_file), fresh)  # Rebuilt from the GGUF...
-  tensors, meta = weights_cache._parse(entry)  # ...and the entry repaired
+  tensors, meta, _ = weights_cache._read_file(entry)  # ...and the entry repaired
   assert meta == good_meta and len(entry.read_bytes()) == len(good)  # (the header's
   for name, arr in good_tensors.items():  # key order varies from write to write).
     assert tensors[name].tobytes() == arr

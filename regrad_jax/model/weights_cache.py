@@ -9,9 +9,9 @@ built to
 the param tree in the loader's layout (float32, nested dict keys joined by "/"),
 with the ModelConfig fields, the tokenizer (tokenizer.json text, specials, chat
 template), a crc32 of the tensor bytes and the tree's fingerprint (fingerprint.py)
-in the safetensors metadata. Later loads
-map that file and copy each tensor once into a JAX array (well under a second
-for SmolLM2).
+in the safetensors metadata. Later loads read that file one tensor at a time
+into JAX arrays (well under a second for SmolLM2; peak memory the params plus
+one tensor).
 
   read(gguf_path, expected_shapes, dtype) -> (params, config, tokenizer) | None
   write(gguf_path, params, config, tokenizer) -> the cache file, or None
@@ -38,7 +38,6 @@ from regrad_jax import fingerprint
 from regrad_jax.model.config import ModelConfig
 
 FORMAT = "regrad_jax.weights_cache/1"  # Bump when the entry layout changes.
-_SEP = "/"
 
 
 _OFF, _ON = ("0", "off", "false", "no"), ("", "1", "on", "true", "yes")
@@ -72,36 +71,16 @@ def cache_path(gguf_path) -> pathlib.Path:
   return cache_dir() / f"{file_sha256(gguf_path)}.safetensors"
 
 
-def _flatten(tree: dict, prefix: str = "") -> dict:
-  """{"layers": {"q": x}} -> {"layers/q": x} (leaves unchanged)."""
-  out = {}
-  for key, value in tree.items():
-    if _SEP in key:
-      raise ValueError(f"param name {key!r} contains {_SEP!r}")
-    if isinstance(value, dict):
-      out.update(_flatten(value, f"{prefix}{key}{_SEP}"))
-    else:
-      out[f"{prefix}{key}"] = value
-  return out
-
-
-def _unflatten(flat: dict) -> dict:
-  tree = {}
-  for name, value in flat.items():
-    *parents, leaf = name.split(_SEP)
-    node = tree
-    for p in parents:
-      node = node.setdefault(p, {})
-    node[leaf] = value
-  return tree
+def _crc(name: str, arr: np.ndarray, crc: int) -> int:
+  crc = zlib.crc32(name.encode(), crc)
+  return zlib.crc32(memoryview(np.ascontiguousarray(arr)).cast("B"), crc)
 
 
 def _checksum(flat: dict[str, np.ndarray]) -> str:
   """crc32 over the tensors' bytes in name order (independent of file layout)."""
   crc = 0
   for name in sorted(flat):
-    crc = zlib.crc32(name.encode(), crc)
-    crc = zlib.crc32(memoryview(np.ascontiguousarray(flat[name])).cast("B"), crc)
+    crc = _crc(name, flat[name], crc)
   return f"{crc:08x}"
 
 
@@ -116,7 +95,8 @@ def write(gguf_path, params: dict, config: ModelConfig, tokenizer) -> pathlib.Pa
     return None
   from safetensors.numpy import save_file
   target = cache_path(gguf_path)
-  flat = {n: np.asarray(a) for n, a in _flatten(params).items()}
+  from regrad_jax.bank.compute import flatten  # The bank's "a/b" leaf names.
+  flat = {n: np.asarray(a) for n, a in flatten(params).items()}
   bad = sorted(n for n, a in flat.items() if a.dtype != np.float32)
   if bad:
     raise ValueError(f"weights cache stores float32 params only; {bad[0]} is "
@@ -145,33 +125,46 @@ def write(gguf_path, params: dict, config: ModelConfig, tokenizer) -> pathlib.Pa
   return target
 
 
-def _parse(path: pathlib.Path) -> tuple[dict[str, np.ndarray], dict]:
-  """Maps a safetensors file: (name -> read-only float32 view, metadata).
+def _read_file(path: pathlib.Path, to_array=lambda x: x) -> tuple[dict, dict, str]:
+  """Reads a cache file: (name -> to_array(float32 array), metadata, crc32).
 
+  Tensors are read one at a time into a fresh buffer (in name order, the order
+  of `_checksum`) and handed to `to_array` (e.g. jax.device_put): the peak is the
+  params plus one tensor, not params plus a mapped copy of the file.
   Raises ValueError on anything that is not a complete, well-formed file.
   """
   size = path.stat().st_size
-  if size < 8:
-    raise ValueError("shorter than a safetensors header")
-  data = np.memmap(path, dtype=np.uint8, mode="r")
-  n = int(np.frombuffer(data[:8], "<u8")[0])
-  if 8 + n > size:
-    raise ValueError(f"header of {n} bytes exceeds the file ({size} bytes)")
-  header = json.loads(bytes(data[8:8 + n]))
-  meta = header.pop("__metadata__", {}) or {}
-  flat, end = {}, 0
-  for name, info in header.items():
-    if info["dtype"] != "F32":
-      raise ValueError(f"tensor {name!r} is {info['dtype']}, not F32")
-    start, stop = (8 + n + int(o) for o in info["data_offsets"])
-    shape = tuple(int(d) for d in info["shape"])
-    if stop - start != 4 * int(np.prod(shape)) or stop > size:
-      raise ValueError(f"tensor {name!r}: offsets do not fit its shape or the file")
-    flat[name] = data[start:stop].view(np.float32).reshape(shape)
-    end = max(end, stop)
-  if end != size:
-    raise ValueError(f"{size - end} bytes after the last tensor (a damaged file)")
-  return flat, meta
+  with open(path, "rb") as f:
+    head = f.read(8)
+    if len(head) < 8:
+      raise ValueError("shorter than a safetensors header")
+    n = int.from_bytes(head, "little")
+    if 8 + n > size:
+      raise ValueError(f"header of {n} bytes exceeds the file ({size} bytes)")
+    header = json.loads(f.read(n))
+    meta = header.pop("__metadata__", {}) or {}
+    spans, end = {}, 8 + n
+    for name, info in header.items():
+      if info["dtype"] != "F32":
+        raise ValueError(f"tensor {name!r} is {info['dtype']}, not F32")
+      start, stop = (8 + n + int(o) for o in info["data_offsets"])
+      shape = tuple(int(d) for d in info["shape"])
+      if stop - start != 4 * int(np.prod(shape)) or stop > size:
+        raise ValueError(f"tensor {name!r}: offsets do not fit its shape or the file")
+      spans[name], end = (start, shape), max(end, stop)
+    if end != size:
+      raise ValueError(f"{size - end} bytes after the last tensor (a damaged file)")
+    flat, crc = {}, 0
+    for name in sorted(spans):
+      start, shape = spans[name]
+      buf = np.empty(shape, np.float32)
+      f.seek(start)
+      if f.readinto(memoryview(buf).cast("B")) != buf.nbytes:
+        raise ValueError(f"tensor {name!r} is cut short")
+      crc = _crc(name, buf, crc)
+      flat[name] = to_array(buf)
+      del buf
+  return flat, meta, f"{crc:08x}"
 
 
 def read(gguf_path, expected_shapes, dtype: str = "float32"):
@@ -194,21 +187,22 @@ def read(gguf_path, expected_shapes, dtype: str = "float32"):
     return None
   import jax
   import tokenizers
+  from regrad_jax.bank.compute import flatten, unflatten  # "a/b" leaf names.
   from regrad_jax.model.tokenizer import Tokenizer
   try:
-    flat, meta = _parse(path)
+    flat, meta, crc = _read_file(path, jax.device_put)
     if meta.get("format") != FORMAT:
       raise ValueError(f"format {meta.get('format')!r}, expected {FORMAT!r}")
     fields = json.loads(meta["config"])
     if fields.get("rope_scaling") is not None:
       fields["rope_scaling"] = tuple(fields["rope_scaling"])
     config = ModelConfig(**fields)
-    want = {n: tuple(s.shape) for n, s in _flatten(expected_shapes(config)).items()}
+    want = {n: tuple(s.shape) for n, s in flatten(expected_shapes(config)).items()}
     got = {n: a.shape for n, a in flat.items()}
     if want != got:
       diff = sorted(set(want.items()) ^ set(got.items()))[:2]
       raise ValueError(f"param layout differs from this loader's, e.g. {diff}")
-    if _checksum(flat) != meta.get("crc32"):
+    if crc != meta.get("crc32"):
       raise ValueError("checksum mismatch (damaged file)")
     bos, eos, pad = json.loads(meta["specials"])
     tokenizer = Tokenizer(tokenizers.Tokenizer.from_str(meta["tokenizer"]), bos_id=bos,
@@ -219,17 +213,7 @@ def read(gguf_path, expected_shapes, dtype: str = "float32"):
     logging.warning("weights cache: refusing %s (%s); rebuilding it from %s",
                     path, e, gguf_path)
     return None
-  params = _unflatten({n: _owned_device_array(jax, a) for n, a in flat.items()})
+  params = unflatten(flat)
   # The checksum proved these are the bytes hashed at write time: not hashed again.
   fingerprint.remember(params, meta["fingerprint"])
   return params, config.replace(dtype=dtype), tokenizer
-
-
-def _owned_device_array(jax, view: np.ndarray):
-  """view copied once into a JAX array that does not alias the mapped file (a CPU
-  backend may adopt an aligned host buffer; the file may be replaced later)."""
-  x = jax.device_put(view)
-  if np.shares_memory(np.asarray(x), view):
-    x = jax.device_put(np.array(view))
-  return x
-
