@@ -114,6 +114,9 @@ def figures(mode: str, answer_workdir: str) -> dict[str, tuple[str, list[str]]]:
   return {
       "meta_step_k3x128": ("meta_step", py(
           "benchmarks.meta_step", f"--config={_SMOL}:k=3", "--tasks=2", "--nobare")),
+      "meta_step_k3x128_remat": ("meta_step", py(
+          "benchmarks.meta_step", f"--config={_SMOL}:k=3", "--config.meta.remat=True",
+          "--tasks=2", "--nobare")),
       "meta_step_k1x64": ("meta_step", py(
           "benchmarks.meta_step", f"--config={_SMOL}:k=1,ctx=64", "--tasks=2",
           "--nobare")),
