@@ -22,6 +22,8 @@ from regrad_jax.model import LoraConfig, init_lora, loaders, losses
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/smollm2_cpkc.py:k=3")
 _TASKS = flags.DEFINE_integer("tasks", 4, "Tasks per meta-step.")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed repetitions (median).")
+_BARE = flags.DEFINE_bool("bare", True, "Also time the bare loop (off: the peak RSS "
+                          "printed is the trainer step's alone).")
 
 
 def bare_loss(meta, params, task, config, lcfg):
@@ -55,10 +57,20 @@ def main(argv):
                                       weight_decay=0.01, clip_norm=0.5, alpha_mode="tie"))
   tx = trainer.make_optimizer(mc, 100)
   step = trainer.make_step(parallel.make_mesh(), tx, config=mcfg, lora_config=lcfg,
-                           alpha_mode="tie")
+                           alpha_mode="tie", remat=c.meta.remat)
   opt = tx.init(meta)
-  ours = common.median_time(lambda: step(meta, opt, params, batch)[2]["loss"],
-                            repeats=_REPEATS.value)
+  ours_first, ours = common.timed(lambda: step(meta, opt, params, batch)[2]["loss"],
+                                  repeats=_REPEATS.value)
+  shape = batch["doc_tokens"].shape
+  figures = {"tasks": shape[0], "remat": bool(c.meta.remat), "k": shape[1], "doc_len": shape[2],
+             "qa_len": batch["qa_tokens"].shape[1], "step_s": ours,
+             "task_s": ours / shape[0], "first_step_s": ours_first}
+  if not _BARE.value:
+    print(f"meta-step, {shape[0]} tasks x k={shape[1]} x {shape[2]} passage tokens: "
+          f"{ours:.3f} s ({ours / shape[0]:.3f} s/task), first call {ours_first:.1f} s, "
+          f"peak RSS {common.peak_rss_gb():.2f} GB")
+    common.emit(**figures)
+    return
 
   vg = jax.jit(jax.value_and_grad(bare_loss), static_argnums=(3, 4))
   per_task = [jax.tree.map(lambda x, i=i: x[i], batch) for i in range(len(tasks))]
@@ -71,7 +83,7 @@ def main(argv):
     return total
 
   bare_s = common.median_time(bare, repeats=_REPEATS.value)
-  shape = batch["doc_tokens"].shape
+  common.emit(**figures, bare_step_s=bare_s)
   print(f"meta-step, {shape[0]} tasks x k={shape[1]} x {shape[2]} passage tokens, "
         f"QA {batch['qa_tokens'].shape[1]} tokens, {jax.device_count()} device(s)")
   print(f"  ours (trainer step):  {ours:.3f} s  ({ours / shape[0]:.3f} s/task)")

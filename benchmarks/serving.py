@@ -30,6 +30,7 @@ from regrad_jax.retrieval import index as index_lib, retriever as retriever_lib
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/smollm2_cpkc.py:ctx=96")
 _VECTORS = flags.DEFINE_integer("vectors", 100_000, "Vectors in the retrieval part.")
 _DOCS = flags.DEFINE_integer("docs", 32, "Bank documents in the answering part.")
+_SINGLE = flags.DEFINE_bool("single", True, "Also time the engine one query per call.")
 
 
 def _unit(x):
@@ -66,7 +67,8 @@ def retrieval_part(config, n, d=384, q=1000):
 
 def answering_part(config, n_docs):
   params, mcfg, tok = loaders.load_model(config.model)
-  config.meta.init_from = str(regrad_jax.released("smollm2_135m_cpkc"))
+  if not config.meta.init_from:  # SmolLM2's released state unless one is named.
+    config.meta.init_from = str(regrad_jax.released("smollm2_135m_cpkc"))
   theta, alpha, lcfg = state.load_for(config, None, params, tok)
   docs, recs = data_lib.load_split(config, "test")
   docs, questions = docs[:n_docs], [r.question for r in recs[:16]]
@@ -88,12 +90,18 @@ def answering_part(config, n_docs):
   gen = lambda t, m, lo=None: decode.generate(params, t, m, config=mcfg, lora=lo,
                                                lora_config=lcfg if lo is not None else None,
                                                max_new_tokens=new)
+  one_lora = jax.tree.map(lambda x: x[:, :1], lora)  # Query 0 alone: B=1 decoding.
+  first = {"generate_b16": common.timed(lambda: gen(tokens, mask, lora), repeats=0)[0],
+           "generate_b1": common.timed(lambda: gen(tokens[:1], mask[:1], one_lora),
+                                       repeats=0)[0]}  # Compile (or cache read) + run.
   times = {
       "retrieve": common.median_time(lambda: retriever.search(questions, k)[1], repeats=3),
       "gather": common.median_time(lambda: bank.gather_sum(ids), repeats=3),
       "adapt": common.median_time(lambda: adapt(theta, alpha, sums, np.float32(1.0)), repeats=3),
       "generate": common.median_time(lambda: gen(tokens, mask, lora), repeats=3),
   }
+  times["generate_b1"] = common.median_time(
+      lambda: gen(tokens[:1], mask[:1], one_lora), repeats=3)
   rag = common.median_time(lambda: gen(rag_t, rag_m), repeats=3)
   closed = common.median_time(lambda: gen(tokens, mask), repeats=3)
   overhead = times["retrieve"] + times["gather"] + times["adapt"]
@@ -114,16 +122,25 @@ def answering_part(config, n_docs):
                     {d.id: d.text for d in docs}, computer, k=k, max_new_tokens=new,
                     batch_size=b) for b in (Q, 1)]
   batched = common.median_time(lambda: engines[0].answer(questions), repeats=3)
-  single = common.median_time(lambda: [engines[1].answer([q]) for q in questions], repeats=1)
-  print(f"  engine.answer batched {Q / batched:.2f} q/s vs one-at-a-time {Q / single:.2f} q/s: "
-        f"{single / batched:.1f}x")
+  figures = {f"{k}_s": v for k, v in times.items()}
+  figures.update(rag_generate_s=rag, closed_generate_s=closed, queries=Q,
+                 prompt_len=int(tokens.shape[1]), batched_qps=Q / batched,
+                 **{f"first_{k}_s": v for k, v in first.items()})
+  if _SINGLE.value:
+    single = common.median_time(lambda: [engines[1].answer([q]) for q in questions],
+                                repeats=1)
+    figures["single_qps"] = Q / single
+    print(f"  engine.answer batched {Q / batched:.2f} q/s vs one-at-a-time "
+          f"{Q / single:.2f} q/s: {single / batched:.1f}x")
+  return figures
 
 
 def main(argv):
   del argv
   config = _CONFIG.value
-  retrieval_part(config, _VECTORS.value)
-  answering_part(config, _DOCS.value)
+  if _VECTORS.value:
+    retrieval_part(config, _VECTORS.value)
+  common.emit(**answering_part(config, _DOCS.value))
 
 
 if __name__ == "__main__":

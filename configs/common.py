@@ -66,7 +66,10 @@ def base() -> mlc.ConfigDict:
   c.meta.alpha_mode = "tie"  # tie | full | same | fix.
   c.meta.alpha_init = 1e-2
   c.meta.first_order = False  # True = stop-gradient through g_c (NOT reference).
-  c.meta.remat = False  # jax.checkpoint per decoder layer in the inner loss.
+  # jax.checkpoint per decoder layer in the meta-step's losses. SmolLM2, K=3 x 128:
+  # XLA temp memory 1.77 -> 0.78 GB (peak RSS 3.30 -> 2.26 GB) but 1.43x the step
+  # time on 2 CPU cores (flops +9%); worth it where memory decides the batch.
+  c.meta.remat = False
   c.meta.lr = 4e-4
   c.meta.warmup_frac = 0.1
   c.meta.warmup_start_factor = 0.01

@@ -29,6 +29,9 @@ def shared_data_dir():
 # call it makes) are read from a persistent cache instead of compiled again.
 import jax  # noqa: E402
 
-jax.config.update("jax_compilation_cache_dir",
-                  os.environ.get("REGRAD_TEST_JAX_CACHE", "/tmp/regrad_jax_test_cache"))
+_TEST_JAX_CACHE = os.environ.get("REGRAD_TEST_JAX_CACHE", "/tmp/regrad_jax_test_cache")
+jax.config.update("jax_compilation_cache_dir", _TEST_JAX_CACHE)
+os.environ.setdefault("REGRAD_XLA_CACHE", _TEST_JAX_CACHE)  # Worker subprocesses too.
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+# Dequantised GGUFs (model/weights_cache.py) likewise, outside the user's cache.
+os.environ.setdefault("REGRAD_WEIGHTS_CACHE", "/tmp/regrad_jax_test_weights")

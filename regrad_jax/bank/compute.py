@@ -147,8 +147,20 @@ class Identity:
             for f in _FIELDS if getattr(self, f) != getattr(other, f)]
 
 
-def _doc_gradients(params, lora, tokens, mask, *, model_config, lora_config, codec):
+# Documents per forward/backward inside one jitted step (per device). SmolLM2,
+# batch 8 x 128 tokens on 2 idle CPU cores, timed alternately in one process:
+# one piece 2.86 docs/s with 1.48 GB of XLA temp memory; pieces of 4 2.88 docs/s,
+# 0.98 GB; pieces of 2 2.67 docs/s, 0.67 GB. Same flops in every case.
+MICRO_BATCH = 4
+
+
+def _doc_gradients(params, lora, tokens, mask, *, model_config, lora_config, codec,
+                   micro_batch=MICRO_BATCH):
   """(G, S) tokens/mask -> (codec parts per leaf, finite (G,), loss (G,)).
+
+  micro_batch: documents per forward/backward inside the step (G when it does
+  not divide G). Piece c takes rows c, c + C, c + 2C, ... (C = G / micro_batch),
+  so with G split over the data axis every device works on every piece.
 
   Per-document gradients through a batched LoRA tree (leaves (n, G, ...), one
   copy of theta* per document; see model/lora.py): the gradient of
@@ -159,16 +171,28 @@ def _doc_gradients(params, lora, tokens, mask, *, model_config, lora_config, cod
   document cannot spoil the others: the sum's cotangent is 1 for each term.
   """
   G = tokens.shape[0]
-  per_doc = jax.tree.map(
-      lambda x: jnp.broadcast_to(x[:, None], (x.shape[0], G) + x.shape[1:]), lora)
+  m = micro_batch if 0 < micro_batch < G and G % micro_batch == 0 else G
 
-  def total(theta_d):
-    loss = losses.lm_loss(params, theta_d, tokens, mask, config=model_config,
-                          lora_config=lora_config)
-    return jnp.sum(loss), loss
+  def grads_of(chunk):  # (m, S) documents -> ((m,) losses, {leaf: (m, n, ...)}).
+    toks, msk = chunk
+    per_doc = jax.tree.map(
+        lambda x: jnp.broadcast_to(x[:, None], (x.shape[0], m) + x.shape[1:]), lora)
 
-  (_, loss), grads = jax.value_and_grad(total, has_aux=True)(per_doc)
-  flat = {k: jnp.swapaxes(g, 0, 1) for k, g in flatten(grads).items()}  # (G, n, ...)
+    def total(theta_d):
+      loss = losses.lm_loss(params, theta_d, toks, msk, config=model_config,
+                            lora_config=lora_config)
+      return jnp.sum(loss), loss
+
+    (_, loss), grads = jax.value_and_grad(total, has_aux=True)(per_doc)
+    return loss, {k: jnp.swapaxes(g, 0, 1) for k, g in flatten(grads).items()}
+
+  # Micro-batches run one after another: the same flops, and only one micro-
+  # batch's activations (and (m, S, V) logits) alive in the backward pass.
+  C = G // m
+  pieces = lambda x: x.reshape((m, C) + x.shape[1:]).swapaxes(0, 1)  # (C, m, ...)
+  rows = lambda x: x.swapaxes(0, 1).reshape((G,) + x.shape[2:])  # Inverse.
+  loss, flat = jax.lax.map(grads_of, (pieces(tokens), pieces(mask)))
+  loss, flat = rows(loss), {k: rows(g) for k, g in flat.items()}  # (G,), (G, n, ...)
   finite = jnp.isfinite(loss)
   for g in flat.values():
     finite &= jnp.all(jnp.isfinite(g.reshape(g.shape[0], -1)), axis=1)
@@ -186,7 +210,8 @@ def _jitted_step(model_config, lora_config, codec, mesh):
   """
   return jax.jit(
       functools.partial(_doc_gradients, model_config=model_config,
-                        lora_config=lora_config, codec=codec),
+                        lora_config=lora_config, codec=codec,
+                        micro_batch=MICRO_BATCH * mesh.shape[parallel.DATA]),
       out_shardings=parallel.data_sharded(mesh))
 
 

@@ -12,7 +12,6 @@ import pathlib
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 
 from regrad_jax.model.lora import LoraConfig
 
@@ -23,6 +22,7 @@ def save(path, theta: dict, alpha, info: dict) -> None:
   Every process of a multi-host job calls this (orbax saves are collective);
   process 0 alone writes info.json.
   """
+  import orbax.checkpoint as ocp  # Lazy: 0.15-0.5 s of start-up for any importer.
   path = pathlib.Path(path).absolute()
   ckpt = ocp.StandardCheckpointer()
   ckpt.save(path / "arrays", {"theta": theta, "alpha": alpha}, force=True)
@@ -50,6 +50,7 @@ def load(path, *, expect_base: str | None = None,
                        f"{info.get(name)}, but the model here has {want}")
   # Restore into host NumPy arrays shaped from the metadata: a state saved by a
   # multi-process job reads back in one process (and vice versa).
+  import orbax.checkpoint as ocp  # Lazy, as in save.
   ckpt = ocp.StandardCheckpointer()
   meta = ckpt.metadata(path / "arrays").item_metadata.tree
   target = jax.tree.map(lambda m: np.zeros(m.shape, m.dtype), meta,

@@ -36,6 +36,7 @@ from regrad_jax import fingerprint
 from regrad_jax import prompts
 from regrad_jax.model import gguf_tokenizer
 from regrad_jax.model import transformer
+from regrad_jax.model import weights_cache
 from regrad_jax.model.config import ModelConfig, tiny_config
 from regrad_jax.model.tokenizer import ByteTokenizer, Tokenizer
 
@@ -349,6 +350,9 @@ def load_gguf(path, dtype: str = "float32"
   source = str(path)
   if not path.is_file():
     raise FileNotFoundError(f"GGUF file {path} does not exist")
+  cached = weights_cache.read(path, transformer.param_shapes, dtype)
+  if cached is not None:  # Dequantised once, then mapped from safetensors.
+    return cached
   try:
     reader = gguf.GGUFReader(path)
   except Exception as e:  # The reader fails in many ways on a cut-off file.
@@ -390,6 +394,7 @@ def load_gguf(path, dtype: str = "float32"
 
   params = _assemble(get, config, _GGUF_LAYER, _GGUF_TOP, "blk.{i}.{name}",
                      set(tensors), set(), source)
+  weights_cache.write(path, params, config, tokenizer)
   return params, config, tokenizer
 
 

@@ -15,9 +15,13 @@ from regrad_jax import batching
 from regrad_jax import prompts as prompts_lib
 from regrad_jax.model.decode import generate
 
-# Padded prompt lengths in steps of x1.5 (x2 below 96): a few jit shapes for any
-# prompt up to 4096 tokens, and little prefill spent on padding.
-PROMPT_BUCKETS = (32, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096)
+# Padded prompt lengths in steps of x1.5 (x2 below 96), a few jit shapes for any
+# prompt up to 4096 tokens, plus 160 and 640 where ReGrad's prompts fall: a cpkc
+# question in SmolLM2's chat template is ~140 tokens (192 padded it by 36%), and
+# ICL prompts with K=3 128-token passages ~530 (768: 45%). Each shape compiles
+# once per machine (compile_cache.py).
+PROMPT_BUCKETS = (32, 64, 96, 128, 160, 192, 256, 384, 512, 640, 768, 1024, 1536, 2048,
+                  3072, 4096)
 
 
 def prompt_ids(tokenizer, texts: Sequence[str]) -> list[list[int]]:
@@ -43,21 +47,28 @@ def encode_prompts(tokenizer, texts: list[str]) -> tuple[np.ndarray, np.ndarray]
   return batching.pad(ids, length, tokenizer.pad_id, left=True)
 
 
+def batch_buckets(batch_size: int) -> tuple[int, ...]:
+  """Padded row counts: 1, 2, 4, ... below batch_size, then batch_size."""
+  return tuple(sorted({1 << i for i in range(batch_size.bit_length())
+                       if 1 << i < batch_size} | {batch_size}))
+
+
 def generate_batched(ids: Sequence[Sequence[int]], run: Callable, *, pad_id: int,
                      batch_size: int, buckets=PROMPT_BUCKETS, desc: str = "generate",
                      progress: bool = True) -> list[np.ndarray]:
   """New tokens for every prompt, `batch_size` rows per call, in a few shapes.
 
-  Prompts are sorted by length and cut into batches of exactly `batch_size` rows
-  (a short last batch repeats its last prompt), each left-padded to the smallest
-  of `buckets` that fits (a longer prompt keeps its last tokens). Every call thus
-  has one of len(buckets) shapes: a jitted `run` compiles at most that often.
+  Prompts are sorted by length and cut into batches of `batch_size` rows; a short
+  last batch is padded (repeating its last prompt) to the next of
+  `batch_buckets(batch_size)`, so one question decodes one row, not batch_size
+  copies. Each batch is left-padded to the smallest of `buckets` that fits (a
+  longer prompt keeps its last tokens): a jitted `run` sees few shapes.
 
   Args:
     ids: token ids per prompt.
-    run: (tokens (batch_size, P) int32, mask (batch_size, P) bool, rows
-      (batch_size,) indices into ids, padding repeats included) ->
-      (batch_size, N) new token ids; e.g. `generate` with the rows' adapters.
+    run: (tokens (B, P) int32, mask (B, P) bool, rows (B,) indices into ids,
+      padding repeats included) -> (B, N) new token ids, B <= batch_size; e.g.
+      `generate` with the rows' adapters.
     pad_id: the padding token.
     desc, progress: the progress bar's label, and whether to show it.
   Returns:
@@ -70,7 +81,8 @@ def generate_batched(ids: Sequence[Sequence[int]], run: Callable, *, pad_id: int
   for i in tqdm(range(0, len(order), batch_size), desc=desc, leave=False,
                 disable=not progress):
     rows = order[i:i + batch_size]
-    padded = np.concatenate([rows, np.repeat(rows[-1:], batch_size - len(rows))])
+    n = batching.bucket(len(rows), batch_buckets(batch_size))
+    padded = np.concatenate([rows, np.repeat(rows[-1:], n - len(rows))])
     chunk = [ids[r] for r in padded]
     tokens, mask = batching.pad(chunk, batching.bucket(max(map(len, chunk)), buckets),
                                 pad_id, left=True)

@@ -27,6 +27,7 @@ class Tokenizer:
     self.name = name
     self.vocab_size = tok.get_vocab_size(with_added_tokens=True)
     self._special = {self.bos_id, self.eos_id, self.pad_id}
+    self._fingerprint = None
 
   @classmethod
   def from_file(cls, path: str | pathlib.Path, config: dict | None = None
@@ -86,11 +87,20 @@ class Tokenizer:
         out.append(i)
     return self._tok.decode(out, skip_special_tokens=False)
 
+  def to_str(self) -> str:
+    """The tokenizer.json text (tokenizers.Tokenizer.from_str rebuilds it)."""
+    return self._tok.to_str()
+
   def fingerprint(self) -> str:
-    """sha256 of the tokenizer.json and the BOS/EOS/PAD ids (what fixes the ids)."""
-    return hashlib.sha256(
-        (self._tok.to_str() + json.dumps([self.bos_id, self.eos_id, self.pad_id])
-         ).encode()).hexdigest()
+    """sha256 of the tokenizer.json and the BOS/EOS/PAD ids (what fixes the ids).
+
+    Computed once (0.1-0.4 s for a 49k vocabulary): the wrapped tokenizer and the
+    ids never change after construction."""
+    if self._fingerprint is None:
+      self._fingerprint = hashlib.sha256(
+          (self.to_str() + json.dumps([self.bos_id, self.eos_id, self.pad_id])
+           ).encode()).hexdigest()
+    return self._fingerprint
 
 
 class ByteTokenizer:
