@@ -44,7 +44,7 @@ def test_direct_gives_well_formed_metrics(setup):
   preds = method.answer([r.question for r in records])
   assert len(preds) == len(records) and all(isinstance(p, str) for p in preds)
   result = metrics.aggregate(preds, [r.answers for r in records])
-  assert set(result) == {"em", "f1", "n"} and result["n"] == len(records)
+  assert set(result) == {"em", "f1", "acc", "n"} and result["n"] == len(records)
   assert 0.0 <= result["f1"] <= 100.0
   assert method.generic_params() is params
 

@@ -15,7 +15,7 @@
    it, the retrieval methods index it), answers the questions (greedy, EM / F1
    against the gold answers) and has its drift measured (eval/drift.py) on the
    weights that answer a generic query.
-5. WORKDIR/results.json ({"methods": {name: {em, f1, n, ppl_general, ppl_wiki,
+5. WORKDIR/results.json ({"methods": {name: {em, f1, acc, n, ppl_general, ppl_wiki,
    probe_acc, weight_l2, seconds}}, plus the setting), WORKDIR/results.md (the
    table) and WORKDIR/predictions.jsonl (every answer, with retrieved ids).
 """
@@ -166,12 +166,15 @@ def check_methods(names) -> tuple[str, ...]:
 
 
 def score(method, records) -> tuple[dict, list[dict]]:
-  """Asks `method` every question: ({"em", "f1", "n"}, per-question rows)."""
+  """Asks `method` every question: ({"em", "f1", "acc", "n"}, per-question rows
+  with the question's own em / f1 / acc, 0-1)."""
   preds = method.answer([r.question for r in records])
   result = metrics.aggregate(preds, [r.answers for r in records])
   doc_ids = getattr(method, "last_doc_ids", None) or [None] * len(records)
   rows = [{"method": method.name, "id": r.id, "question": r.question,
-           "answers": list(r.answers), "prediction": p, "doc_ids": d}
+           "answers": list(r.answers), "prediction": p, "doc_ids": d,
+           "em": metrics.exact_match(p, r.answers), "f1": metrics.f1(p, r.answers),
+           "acc": metrics.contains_answer(p, r.answers)}
           for r, p, d in zip(records, preds, doc_ids)]
   return result, rows
 
@@ -222,7 +225,8 @@ def run(config, workdir) -> dict:
     results[name] = figures
     predictions += rows
     logging.info("%s: %s", name, figures)
-    tqdm.write(f"{name}: F1 {figures['f1']:.1f}, EM {figures['em']:.1f}, ppl "
+    tqdm.write(f"{name}: F1 {figures['f1']:.1f}, EM {figures['em']:.1f}, acc "
+               f"{figures['acc']:.1f}, ppl "
                f"{figures['ppl_general']:.2f}/{figures['ppl_wiki']:.2f}, probe "
                f"{figures['probe_acc']:.1f}, weight L2 {figures['weight_l2']:.4g} "
                f"({figures['seconds']:.0f} s)")

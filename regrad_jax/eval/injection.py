@@ -115,7 +115,8 @@ def run(config, workdir) -> dict:
                  "seconds": round(time.perf_counter() - t0, 1)}
       curve["methods"][method.name].append(figures)
       logging.info("%d docs, %s: %s", n, method.name, figures)
-      tqdm.write(f"{n} documents, {method.name}: F1 {figures['f1']:.1f} "
+      tqdm.write(f"{n} documents, {method.name}: F1 {figures['f1']:.1f}, acc "
+                 f"{figures['acc']:.1f} "
                  f"(n={figures['n']}), ppl {figures['ppl_general']:.2f}, probe "
                  f"{figures['probe_acc']:.1f}, weight L2 {figures['weight_l2']:.4g}")
     prev = n
