@@ -162,6 +162,28 @@ def test_evaluate_end_to_end(workdir):
   assert "ReGrad" in (workdir / "results.md").read_text()
 
 
+def test_evaluate_fine_tuned_baselines_and_icpt(workdir):
+  """rag_ft / direct_ft train their adapters into WORKDIR (then reuse them)."""
+  from regrad_jax.baselines import finetuned
+  c = _config(("direct_ft", "rag_ft", "icpt"))
+  c.eval.ft_steps = 4
+  m = evaluate.run(c, workdir)["methods"]
+  for name, figs in m.items():
+    assert set(FIELDS) <= set(figs), name
+    assert figs["n"] == 8 and 0.0 <= figs["acc"] <= 100.0
+    assert figs["weight_l2"] > 0.0, name  # LoRA merged / full weights trained.
+  info = workdir / "rag_ft" / "info.json"
+  assert json.loads(info.read_text())["tasks"] == 4 * c.meta.batch_size
+  stamp = info.stat().st_mtime_ns
+  params, cfg, tok = loaders.load_model(c.model)
+  assert finetuned.ensure_adapter(c, workdir, params, cfg, tok, "rag_ft") == info.parent
+  assert info.stat().st_mtime_ns == stamp  # Loaded, not trained again.
+  c.eval.direct_ft_from = str(workdir / "nowhere")  # A given path is never trained into.
+  with pytest.raises(FileNotFoundError, match="fine-tuned adapter"):
+    evaluate.fine_tuned_adapter(c, workdir, params, cfg, tok, "direct_ft")
+  assert not (workdir / "nowhere").exists()
+
+
 def test_injection_experiment(workdir):
   c = _config(("cpt", "regrad"))
   c.eval.increments = (2, 4)

@@ -14,7 +14,9 @@ COLUMNS = (("em", "EM", "{:.1f}"), ("f1", "F1", "{:.1f}"), ("acc", "acc", "{:.1f
            ("n", "n", "{:d}"),
            ("ppl_general", "PPL general", "{:.2f}"), ("ppl_wiki", "PPL wiki", "{:.2f}"),
            ("probe_acc", "probe acc", "{:.1f}"), ("weight_l2", "weight L2", "{:.4g}"))
-TITLES = {"direct": "Direct", "rag": "RAG", "cpt": "CPT (full)", "cpt_lora": "CPT (LoRA)",
+TITLES = {"direct": "Direct", "direct_ft": "Direct (fine-tuned)", "rag": "RAG",
+          "rag_ft": "RAG (fine-tuned)", "cpt": "CPT (full)", "cpt_lora": "CPT (LoRA)",
+          "icpt": "Instruction CPT (full)", "icpt_lora": "Instruction CPT (LoRA)",
           "prag": "PRAG", "regrad": "ReGrad", "regrad_icl": "ReGrad + ICL"}
 
 
