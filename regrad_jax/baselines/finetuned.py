@@ -105,8 +105,8 @@ def train_adapter(config, params, model_cfg, tokenizer, method: str
   tx = cpt.make_optimizer(float(ec.ft_lr), float(ec.ft_weight_decay),
                           float(ec.ft_clip_norm))
 
-  @jax.jit
-  def step(lora, opt_state, tokens, mask, target):
+  @jax.jit  # params an argument, not a closure: no 0.5 GB constant in the program.
+  def step(lora, opt_state, params, tokens, mask, target):
     value, grads = jax.value_and_grad(ft_loss)(lora, params, tokens, mask, target,
                                                config=model_cfg, lora_config=lcfg)
     updates, opt_state = tx.update(grads, opt_state, lora)
@@ -117,8 +117,8 @@ def train_adapter(config, params, model_cfg, tokenizer, method: str
   for rows in bar:
     b = tasks_lib.collate([tasks[i] for i in rows], doc_buckets=dc.doc_buckets,
                           qa_buckets=dc.qa_buckets, pad_id=tokenizer.pad_id)
-    lora, opt_state, value = step(lora, opt_state, b["qa_tokens"], b["qa_mask"],
-                                  b["target_mask"])
+    lora, opt_state, value = step(lora, opt_state, params, b["qa_tokens"],
+                                  b["qa_mask"], b["target_mask"])
     history.append(float(value))
     if not np.isfinite(history[-1]):
       raise FloatingPointError(f"{method} step {len(history)}: non-finite loss "
