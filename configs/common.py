@@ -132,7 +132,8 @@ def base() -> mlc.ConfigDict:
   c.eval = mlc.ConfigDict()
   c.eval.split = "dev"  # QA split whose questions are asked (its passages banked).
   c.eval.num_questions = 200  # First N questions of the split (-1 = all).
-  # Any of: direct, rag, cpt (full weights), cpt_lora, prag, regrad, regrad_icl.
+  # Any of: direct, direct_ft, rag, rag_ft, cpt (full weights), cpt_lora, icpt
+  # (full weights), icpt_lora, prag, regrad, regrad_icl.
   c.eval.methods = ("direct", "rag", "cpt", "regrad", "regrad_icl")
   c.eval.batch_size = 8  # Rows per jitted call for perplexity (probe: 2x).
   # Standard CPT (baselines/cpt.py): AdamW, constant lr, documents in order.
@@ -148,6 +149,17 @@ def base() -> mlc.ConfigDict:
   c.eval.prag_lr = 3e-4
   c.eval.prag_steps = 20  # AdamW steps on each document's own LM loss.
   c.eval.prag_batch_size = 8  # Documents trained together (one adapter each).
+  # Fine-tuned RAG / Direct (baselines/finetuned.py): a LoRA of the config.lora
+  # layout trained on the meta-state's training tasks (answer loss, AdamW).
+  c.eval.ft_steps = 0  # Optimiser steps; 0 = meta.num_steps.
+  c.eval.ft_batch_size = 0  # Tasks per step; 0 = meta.batch_size.
+  c.eval.ft_lr = 1e-3  # Constant (a fresh LoRA, as cpt_lora_lr).
+  c.eval.ft_weight_decay = 0.0
+  c.eval.ft_clip_norm = 1.0
+  c.eval.rag_ft_from = ""  # A saved rag_ft adapter; "" = WORKDIR/rag_ft (trained if absent).
+  c.eval.direct_ft_from = ""  # Likewise for direct_ft (WORKDIR/direct_ft).
+  # Instruction CPT (baselines/icpt.py): CPT's settings, plus training QA pairs.
+  c.eval.icpt_qa_per_doc = 1  # Training QA pairs after each document.
   # Sequential injection (eval/injection.py): cumulative documents after each
   # increment (first documents of the split, in order).
   c.eval.increments = (125, 250, 500, 1000)

@@ -1,4 +1,5 @@
-"""Baselines on the tiny model: Direct, RAG, CPT (full and LoRA), PRAG."""
+"""Baselines on the tiny model: Direct, RAG, CPT (full and LoRA), PRAG, fine-tuned
+RAG / Direct, Instruction CPT."""
 import jax
 import numpy as np
 import pytest
@@ -9,6 +10,8 @@ from regrad_jax import data as data_lib
 from regrad_jax import prompts
 from regrad_jax import retrieval
 from regrad_jax.baselines import common
+from regrad_jax.baselines import finetuned
+from regrad_jax.baselines import icpt as icpt_lib
 from regrad_jax.baselines import prag as prag_lib
 from regrad_jax.eval import drift, metrics
 from regrad_jax.model import loaders, lora as lora_lib
@@ -44,7 +47,7 @@ def test_direct_gives_well_formed_metrics(setup):
   preds = method.answer([r.question for r in records])
   assert len(preds) == len(records) and all(isinstance(p, str) for p in preds)
   result = metrics.aggregate(preds, [r.answers for r in records])
-  assert set(result) == {"em", "f1", "n"} and result["n"] == len(records)
+  assert set(result) == {"em", "f1", "acc", "n"} and result["n"] == len(records)
   assert 0.0 <= result["f1"] <= 100.0
   assert method.generic_params() is params
 
@@ -164,3 +167,104 @@ def test_regrad_view_injects_once_and_cuts_icl_passages(setup):
   assert blind.generic_params() is engine.params
   with pytest.raises(ValueError, match="mode"):
     baselines.ReGradMethod(engine, mode="nope")
+
+
+@pytest.fixture(scope="module")
+def fine_tuned(setup, tmp_path_factory):
+  """The rag_ft adapter trained for 8 steps (32 training tasks) and saved."""
+  c, params, model_cfg, tok, _, _ = setup
+  c = c.copy_and_resolve_references()
+  c.eval.ft_steps, c.eval.ft_lr = 8, 3e-2
+  path = tmp_path_factory.mktemp("ft") / "rag_ft"
+  info = finetuned.train_and_save(c, path, params, model_cfg, tok, "rag_ft")
+  return c, path, info
+
+
+def _answer_loss(c, params, model_cfg, tok, lora, lcfg, method):
+  """Mean answer loss of the first 8 training tasks of `method`'s mode."""
+  from regrad_jax.baselines.finetuned import MODES
+  from regrad_jax.meta import tasks as tasks_lib
+  from regrad_jax.model import losses
+  docs, recs = data_lib.load_split(c, "train")
+  tasks = tasks_lib.build_tasks(recs[:8], docs, tok, k=c.meta.k, mode=MODES[method],
+                                max_context_len=c.data.max_context_len)
+  b = tasks_lib.collate(tasks, doc_buckets=c.data.doc_buckets,
+                        qa_buckets=c.data.qa_buckets, pad_id=tok.pad_id)
+  return float(np.mean(losses.answer_loss(params, lora, b["qa_tokens"], b["qa_mask"],
+                                          b["target_mask"], config=model_cfg,
+                                          lora_config=lcfg)))
+
+
+def test_fine_tuned_rag_trains_saves_and_refuses_other_bases(setup, fine_tuned):
+  c, params, model_cfg, tok, docs, records = setup
+  c, path, info = fine_tuned
+  base = _snapshot(params)
+  assert info["tasks"] == 32 and info["mode"] == "icl"
+  assert len((path / "train_metrics.jsonl").read_text().splitlines()) == 8
+  lora, lcfg, loaded = finetuned.load_adapter(path, params, tok, method="rag_ft")
+  assert lcfg == lora_lib.LoraConfig.from_config(c.lora, model_cfg)  # theta*'s layout.
+  assert loaded["base_fingerprint"] == info["base_fingerprint"]
+  # Trained: the answer loss on training tasks drops well below the base model's.
+  before = _answer_loss(c, params, model_cfg, tok, None, None, "rag_ft")
+  after = _answer_loss(c, params, model_cfg, tok, lora, lcfg, "rag_ft")
+  assert after < before - 0.1, (before, after)
+  # It answers with RAG's retriever and K; its generic weights carry the LoRA.
+  retriever = retrieval.Retriever.build(c, docs)
+  method = baselines.FineTunedRAG(params, model_cfg, tok, retriever, docs, c,
+                                  lora=lora, lora_config=lcfg, k=2)
+  rag = baselines.RAG(params, model_cfg, tok, retriever, docs, c, k=2)
+  questions = [r.question for r in records]
+  preds, raw = method.answer(questions), rag.answer(questions)
+  assert method.last_doc_ids == rag.last_doc_ids
+  assert preds != raw  # The adapter changes the answers.
+  assert drift.weight_l2(method.generic_params(), params) > 0.0
+  _assert_same(params, base)
+  # Refused: other base weights, or another method's adapter.
+  other = {**params, "embed": np.asarray(params["embed"]) + np.float32(1e-3)}
+  with pytest.raises(ValueError, match="base_fingerprint"):
+    finetuned.load_adapter(path, other, tok)
+  with pytest.raises(ValueError, match="direct_ft"):
+    finetuned.load_adapter(path, params, tok, method="direct_ft")
+  with pytest.raises(FileNotFoundError, match="fine-tuned adapter"):
+    finetuned.load_adapter(path.parent / "nothing", params, tok)
+
+
+def test_fine_tuned_trains_on_the_meta_trainers_tasks(setup):
+  c, *_ = setup
+  from regrad_jax.meta import trainer
+  c = c.copy_and_resolve_references()
+  assert finetuned.budget(c) == (c.meta.num_steps, c.meta.batch_size)  # 0: the meta's.
+  c.eval.ft_steps, c.eval.ft_batch_size = 3, 2
+  order = finetuned.task_order(c, 64)
+  assert order.shape == (3, 2)
+  np.testing.assert_array_equal(order[2], trainer.batch_indices(c.seed, 2, 2, 64))
+  c.eval.ft_lr = 0.0  # Blind tasks: prompts without passages; a zero step keeps B = 0.
+  lora, _, history = finetuned.train_adapter(c, *setup[1:4], "direct_ft")
+  assert len(history) == 3
+  assert all(not np.any(x) for x in jax.tree.leaves({k: v["b"] for k, v in lora.items()}))
+  with pytest.raises(ValueError, match="fine-tuned baseline"):
+    finetuned.train_adapter(c, *setup[1:4], "nope")
+
+
+def test_icpt_mixes_qa_pairs_and_trains_full_weights(setup):
+  c, params, model_cfg, tok, docs, _ = setup
+  base = _snapshot(params)
+  method = baselines.ICPT(params, model_cfg, tok, c)
+  assert method.name == "icpt"
+  method.inject(docs[:2])  # 2 documents + 2 QA pairs: one batch per epoch.
+  method.inject(docs[2:3])
+  assert method.qa_used == 3 and method.steps == 2 * c.eval.cpt_epochs
+  losses = [v for _, v in method.history]
+  assert losses[c.eval.cpt_epochs - 1] < losses[0] - 0.05, losses
+  assert drift.weight_l2(method.generic_params(), params) > 0.0
+  _assert_same(params, base)
+  # A QA pair's prompt is masked; a document's tokens are all predicted.
+  qa = icpt_lib.qa_items(tok, method_records := data_lib.load_split(c, "train")[1][:1])
+  ids, n_prompt = qa[0]
+  assert ids[-1] == tok.eos_id and 0 < n_prompt < len(ids)
+  tokens, mask, target = next(icpt_lib.item_batches(qa + [([5, 6, 7], 0)], 4, (64, 128),
+                                                    tok.pad_id))
+  assert tokens.shape == (4, 64)
+  assert not target[0, :n_prompt].any() and target[0, n_prompt:len(ids)].all()
+  assert target[1, :3].all() and not target[2:].any()
+  assert method_records[0].answers[0] in tok.decode(ids[n_prompt:])

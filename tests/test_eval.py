@@ -13,7 +13,7 @@ from regrad_jax.eval import drift, evaluate, injection, report
 from regrad_jax.meta import objective, state as state_lib
 from regrad_jax.model import loaders, lora as lora_lib, losses, transformer
 
-FIELDS = ("em", "f1", "n", "ppl_general", "ppl_wiki", "probe_acc", "weight_l2")
+FIELDS = ("em", "f1", "acc", "n", "ppl_general", "ppl_wiki", "probe_acc", "weight_l2")
 
 
 @pytest.fixture(scope="module")
@@ -94,6 +94,7 @@ def test_report_tables_and_plot(tmp_path):
   table = report.results_table({"regrad": figs, "cpt": {**figs, "weight_l2": 1.5}})
   lines = table.splitlines()
   assert len(lines) == 4 and "ReGrad" in lines[2] and "20.5" in lines[2]
+  assert "| acc |" in lines[0] and "| - |" in lines[2]  # No acc figure: a dash.
   curve = {"docs": [4, 8], "methods": {"regrad": [figs, figs],
                                        "cpt": [figs, {**figs, "f1": 5.0}]}}
   assert len(report.injection_table(curve).splitlines()) == 2 + 4
@@ -153,8 +154,34 @@ def test_evaluate_end_to_end(workdir):
   assert saved["setting"]["num_documents"] == 4  # 8 questions, 2 per passage.
   preds = [json.loads(l) for l in (workdir / "predictions.jsonl").read_text().splitlines()]
   assert len(preds) == 3 * 8
+  for name, figs in m.items():  # Per-question scores average to the table's.
+    rows = [p for p in preds if p["method"] == name]
+    for key in ("em", "f1", "acc"):
+      assert figs[key] == pytest.approx(100 * np.mean([p[key] for p in rows])), key
   assert all(len(p["doc_ids"]) == 3 for p in preds if p["method"] == "regrad")
   assert "ReGrad" in (workdir / "results.md").read_text()
+
+
+def test_evaluate_fine_tuned_baselines_and_icpt(workdir):
+  """rag_ft / direct_ft train their adapters into WORKDIR (then reuse them)."""
+  from regrad_jax.baselines import finetuned
+  c = _config(("direct_ft", "rag_ft", "icpt"))
+  c.eval.ft_steps = 4
+  m = evaluate.run(c, workdir)["methods"]
+  for name, figs in m.items():
+    assert set(FIELDS) <= set(figs), name
+    assert figs["n"] == 8 and 0.0 <= figs["acc"] <= 100.0
+    assert figs["weight_l2"] > 0.0, name  # LoRA merged / full weights trained.
+  info = workdir / "rag_ft" / "info.json"
+  assert json.loads(info.read_text())["tasks"] == 4 * c.meta.batch_size
+  stamp = info.stat().st_mtime_ns
+  params, cfg, tok = loaders.load_model(c.model)
+  assert finetuned.ensure_adapter(c, workdir, params, cfg, tok, "rag_ft") == info.parent
+  assert info.stat().st_mtime_ns == stamp  # Loaded, not trained again.
+  c.eval.direct_ft_from = str(workdir / "nowhere")  # A given path is never trained into.
+  with pytest.raises(FileNotFoundError, match="fine-tuned adapter"):
+    evaluate.fine_tuned_adapter(c, workdir, params, cfg, tok, "direct_ft")
+  assert not (workdir / "nowhere").exists()
 
 
 def test_injection_experiment(workdir):

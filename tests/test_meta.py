@@ -185,3 +185,5 @@ def test_ablation_conditions(trained):
   assert rows["regrad"]["loss"] != rows["theta_only"]["loss"]
   assert rows["raw_grad:0.5"]["loss"] != rows["closed_book"]["loss"]
   assert rows["rag"]["loss"] != rows["closed_book"]["loss"]
+  assert all(0.0 <= r["acc"] <= 100.0 for r in rows.values())
+  assert "| EM | F1 | acc |" in ablation.table(rows)

@@ -50,6 +50,19 @@ def test_bad_golds():
     metrics.exact_match("x", [None])
 
 
+def test_contains_answer():
+  assert metrics.contains_answer("It was in Paris, France.", "paris") == 1.0
+  assert metrics.contains_answer("The answer is New York City", "new york") == 1.0
+  assert metrics.contains_answer("Parisian cafes", "Paris") == 0.0  # Whole tokens only.
+  assert metrics.contains_answer("York, New", "new york") == 0.0  # In order, contiguous.
+  assert metrics.contains_answer("Lyon", "the Lyon") == 1.0  # Articles normalised away.
+  assert metrics.contains_answer("Lyon or Nice", ["Paris", "nice"]) == 1.0  # Any gold.
+  assert metrics.contains_answer("x", "paris") == 0.0
+  assert metrics.contains_answer("", "") == 1.0  # Empty gold: only an empty answer.
+  assert metrics.contains_answer("Paris", "the") == 0.0
+  assert metrics.contains_answer("", "Paris") == 0.0
+
+
 def test_accuracy():
   assert metrics.accuracy(["yes", "No.", "maybe"], ["Yes", "no", "no"]) == pytest.approx(200 / 3)
   assert metrics.accuracy(["B"], [["a", "b"]]) == 100.0
@@ -59,7 +72,8 @@ def test_accuracy():
 
 def test_aggregate():
   out = metrics.aggregate(["Barack Obama", "Paris", ""], [["Obama"], ["paris", "Lyon"], ["x"]])
-  assert out["n"] == 3
+  assert set(out) == {"em", "f1", "acc", "n"} and out["n"] == 3
+  assert out["acc"] == pytest.approx(200 / 3)  # "Barack Obama" contains "Obama".
   assert out["em"] == pytest.approx(100 / 3)  # Only "Paris" matches exactly.
   assert out["f1"] == pytest.approx(100 * (2 / 3 + 1 + 0) / 3)
   with pytest.raises(ValueError, match="No predictions"):

@@ -60,18 +60,25 @@ def doc_batches(ids: Sequence[Sequence[int]], batch_size: int, buckets, pad_id: 
     yield batching.pad(chunk + [[]] * (batch_size - len(chunk)), length, pad_id)
 
 
-def batch_loss(trainable, frozen, tokens, mask, *, config, lora_config):
+def batch_loss(trainable, frozen, tokens, mask, target=None, *, config, lora_config):
   """Mean over real rows of each row's mean next-token loss (empty rows ignored).
 
   Full CPT: trainable = the base-layout params, frozen = None. LoRA CPT:
   trainable = the LoRA tree, frozen = the base params.
+  target: None (every token after the first is predicted: the LM loss), or a
+  (B, S) bool mask of the tokens predicted (losses.answer_loss; Instruction CPT
+  masks its QA prompts, baselines/icpt.py).
   """
   if lora_config is None:
     params, lora = trainable, None
   else:
     params, lora = frozen, trainable
-  per_doc = losses.lm_loss(params, lora, tokens, mask, config=config,
-                           lora_config=lora_config)
+  if target is None:
+    per_doc = losses.lm_loss(params, lora, tokens, mask, config=config,
+                             lora_config=lora_config)
+  else:
+    per_doc = losses.answer_loss(params, lora, tokens, mask, target, config=config,
+                                 lora_config=lora_config)
   real = jnp.any(mask, axis=-1).astype(jnp.float32)
   return jnp.sum(per_doc * real) / jnp.maximum(jnp.sum(real), jnp.float32(1))
 
@@ -135,8 +142,8 @@ class CPT:
     loss = functools.partial(batch_loss, config=model_cfg,
                              lora_config=self.lora_config)
 
-    def step(trainable, opt_state, frozen, tokens, mask):
-      value, grads = jax.value_and_grad(loss)(trainable, frozen, tokens, mask)
+    def step(trainable, opt_state, frozen, tokens, mask, target=None):
+      value, grads = jax.value_and_grad(loss)(trainable, frozen, tokens, mask, target)
       updates, opt_state = self.tx.update(grads, opt_state, trainable)
       return optax.apply_updates(trainable, updates), opt_state, value
 
@@ -152,13 +159,18 @@ class CPT:
     if not documents:
       return
     ids = tokenize_documents(self.tokenizer, [d.text for d in documents], self.max_len)
-    n_batches = -(-len(ids) // self.batch_size)
+    self.train_stream(lambda: doc_batches(ids, self.batch_size, self.doc_buckets,
+                                          self.tokenizer.pad_id),
+                      -(-len(ids) // self.batch_size))
+
+  def train_stream(self, batches, n_batches: int) -> None:
+    """`epochs` passes of optimiser steps over `batches()` (an iterable of
+    (tokens, mask) or (tokens, mask, target) arrays; see batch_loss)."""
     bar = tqdm(total=self.epochs * n_batches, desc=self.name, leave=False)
     for _ in range(self.epochs):
-      for tokens, mask in doc_batches(ids, self.batch_size, self.doc_buckets,
-                                      self.tokenizer.pad_id):
+      for batch in batches():
         self.trainable, self.opt_state, value = self._step(
-            self.trainable, self.opt_state, self._frozen, tokens, mask)
+            self.trainable, self.opt_state, self._frozen, *batch)
         self.steps += 1
         value = float(value)
         if not np.isfinite(value):

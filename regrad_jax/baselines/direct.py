@@ -16,6 +16,7 @@ class Direct:
     config: the full config; reads adapt.batch_size and adapt.max_new_tokens.
   """
   name = "direct"
+  lora, lora_config = None, None  # The base weights (FineTunedDirect: a LoRA).
 
   def __init__(self, params: dict, model_cfg, tokenizer, config):
     self.params, self.model_cfg, self.tokenizer = params, model_cfg, tokenizer
@@ -30,7 +31,8 @@ class Direct:
     return common.generate_answers(
         self.params, ids, self.tokenizer, config=self.model_cfg,
         batch_size=self.batch_size,
-        max_new_tokens=self.max_new_tokens, desc=self.name)
+        max_new_tokens=self.max_new_tokens, lora=self.lora,
+        lora_config=self.lora_config, desc=self.name)
 
   def generic_params(self) -> dict:
     return self.params

@@ -24,6 +24,7 @@ class RAG:
       data.max_context_len.
   """
   name = "rag"
+  lora, lora_config = None, None  # The base weights (FineTunedRAG: a LoRA).
 
   def __init__(self, params: dict, model_cfg, tokenizer, retriever, documents,
                config, *, k: int | None = None):
@@ -61,7 +62,8 @@ class RAG:
     return common.generate_answers(
         self.params, ids, self.tokenizer, config=self.model_cfg,
         batch_size=self.batch_size,
-        max_new_tokens=self.max_new_tokens, desc=self.name)
+        max_new_tokens=self.max_new_tokens, lora=self.lora,
+        lora_config=self.lora_config, desc=self.name)
 
   def generic_params(self) -> dict:
     return self.params

@@ -1,4 +1,6 @@
 """Evaluation: QA metrics (metrics.py) and the evaluation drivers of the package."""
-from regrad_jax.eval.metrics import accuracy, aggregate, exact_match, f1, normalize
+from regrad_jax.eval.metrics import (accuracy, aggregate, contains_answer, exact_match,
+                                     f1, normalize)
 
-__all__ = ["accuracy", "aggregate", "exact_match", "f1", "normalize"]
+__all__ = ["accuracy", "aggregate", "contains_answer", "exact_match", "f1",
+           "normalize"]

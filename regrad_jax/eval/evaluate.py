@@ -11,11 +11,14 @@
    must match the model (meta.state.load_for checks them).
 3. The ReGrad engine over the knowledge base (`build_engine`): a Gradient Bank at
    theta* (WORKDIR/bank, resumable) and the retriever (WORKDIR/index).
-4. Each method of config.eval.methods takes in the knowledge base (CPT trains on
-   it, the retrieval methods index it), answers the questions (greedy, EM / F1
-   against the gold answers) and has its drift measured (eval/drift.py) on the
-   weights that answer a generic query.
-5. WORKDIR/results.json ({"methods": {name: {em, f1, n, ppl_general, ppl_wiki,
+4. Each method of config.eval.methods takes in the knowledge base (CPT and
+   Instruction CPT train on it, the retrieval methods index it), answers the
+   questions (greedy, EM / F1 / acc against the gold answers) and has its drift
+   measured (eval/drift.py) on the weights that answer a generic query. The
+   fine-tuned baselines rag_ft / direct_ft load their adapter from
+   config.eval.rag_ft_from / direct_ft_from, else WORKDIR/rag_ft (direct_ft),
+   trained there first if absent (baselines/finetuned.py; short for tiny).
+5. WORKDIR/results.json ({"methods": {name: {em, f1, acc, n, ppl_general, ppl_wiki,
    probe_acc, weight_l2, seconds}}, plus the setting), WORKDIR/results.md (the
    table) and WORKDIR/predictions.jsonl (every answer, with retrieved ids).
 """
@@ -31,6 +34,7 @@ from regrad_jax import adapt
 from regrad_jax import bank as bank_lib
 from regrad_jax.bank import pipeline as bank_pipeline
 from regrad_jax import baselines
+from regrad_jax.baselines import finetuned
 from regrad_jax import data as data_lib
 from regrad_jax import parallel
 from regrad_jax import retrieval
@@ -40,8 +44,9 @@ from regrad_jax.eval import report
 from regrad_jax.meta import state as meta_state
 from regrad_jax.model import loaders
 
-METHODS = ("direct", "rag", "cpt", "cpt_lora", "prag", "regrad", "regrad_icl")
-RETRIEVAL_METHODS = ("rag", "prag", "regrad", "regrad_icl")
+METHODS = ("direct", "direct_ft", "rag", "rag_ft", "cpt", "cpt_lora", "icpt",
+           "icpt_lora", "prag", "regrad", "regrad_icl")
+RETRIEVAL_METHODS = ("rag", "rag_ft", "prag", "regrad", "regrad_icl")
 
 
 # --- Questions and documents ---------------------------------------------------
@@ -132,18 +137,42 @@ def build_engine(config, workdir, params, model_cfg, tokenizer, documents, *,
                       max_new_tokens=a.max_new_tokens, batch_size=a.batch_size)
 
 
+def fine_tuned_adapter(config, workdir, params, model_cfg, tokenizer, name: str):
+  """(lora, LoraConfig) of rag_ft / direct_ft: config.eval.<name>_from, else
+  WORKDIR/<name>, trained there first when absent (baselines/finetuned.py)."""
+  if workdir is None:
+    raise ValueError(f"method {name!r} needs a workdir (its adapter)")
+  path = finetuned.ensure_adapter(config, workdir, params, model_cfg, tokenizer, name)
+  lora, lcfg, _ = finetuned.load_adapter(path, params, tokenizer, method=name)
+  return {"lora": lora, "lora_config": lcfg}
+
+
 def make_method(name: str, *, config, params, model_cfg, tokenizer, engine=None,
-                documents=()):
-  """The method called `name` (see METHODS) on the shared model and engine."""
+                documents=(), workdir=None):
+  """The method called `name` (see METHODS) on the shared model and engine.
+
+  workdir: where rag_ft / direct_ft find (or train) their adapters.
+  """
   if name == "direct":
     return baselines.Direct(params, model_cfg, tokenizer, config)
+  if name == "direct_ft":
+    return baselines.FineTunedDirect(params, model_cfg, tokenizer, config,
+                                     **fine_tuned_adapter(config, workdir, params,
+                                                          model_cfg, tokenizer, name))
   if name in ("cpt", "cpt_lora"):
     return baselines.CPT(params, model_cfg, tokenizer, config, lora=name == "cpt_lora")
+  if name in ("icpt", "icpt_lora"):
+    return baselines.ICPT(params, model_cfg, tokenizer, config, lora=name == "icpt_lora")
   if name in RETRIEVAL_METHODS and engine is None:
     raise ValueError(f"method {name!r} needs the ReGrad engine's retriever")
   if name == "rag":
     return baselines.RAG(params, model_cfg, tokenizer, engine.retriever, documents,
                          config)
+  if name == "rag_ft":
+    return baselines.FineTunedRAG(params, model_cfg, tokenizer, engine.retriever,
+                                  documents, config,
+                                  **fine_tuned_adapter(config, workdir, params,
+                                                       model_cfg, tokenizer, name))
   if name == "prag":
     return baselines.PRAG(params, model_cfg, tokenizer, engine.retriever, documents,
                           config)
@@ -166,12 +195,15 @@ def check_methods(names) -> tuple[str, ...]:
 
 
 def score(method, records) -> tuple[dict, list[dict]]:
-  """Asks `method` every question: ({"em", "f1", "n"}, per-question rows)."""
+  """Asks `method` every question: ({"em", "f1", "acc", "n"}, per-question rows
+  with the question's own em / f1 / acc, 0-1)."""
   preds = method.answer([r.question for r in records])
   result = metrics.aggregate(preds, [r.answers for r in records])
   doc_ids = getattr(method, "last_doc_ids", None) or [None] * len(records)
   rows = [{"method": method.name, "id": r.id, "question": r.question,
-           "answers": list(r.answers), "prediction": p, "doc_ids": d}
+           "answers": list(r.answers), "prediction": p, "doc_ids": d,
+           "em": metrics.exact_match(p, r.answers), "f1": metrics.f1(p, r.answers),
+           "acc": metrics.contains_answer(p, r.answers)}
           for r, p, d in zip(records, preds, doc_ids)]
   return result, rows
 
@@ -214,7 +246,8 @@ def run(config, workdir) -> dict:
     bar.set_description(f"method {name}")
     t0 = time.perf_counter()
     method = make_method(name, config=config, params=params, model_cfg=model_cfg,
-                         tokenizer=tokenizer, engine=engine, documents=corpus)
+                         tokenizer=tokenizer, engine=engine, documents=corpus,
+                         workdir=workdir)
     method.inject(corpus)
     qa, rows = score(method, records)
     figures = {**qa, **meter.measure(method.generic_params())}
@@ -222,7 +255,8 @@ def run(config, workdir) -> dict:
     results[name] = figures
     predictions += rows
     logging.info("%s: %s", name, figures)
-    tqdm.write(f"{name}: F1 {figures['f1']:.1f}, EM {figures['em']:.1f}, ppl "
+    tqdm.write(f"{name}: F1 {figures['f1']:.1f}, EM {figures['em']:.1f}, acc "
+               f"{figures['acc']:.1f}, ppl "
                f"{figures['ppl_general']:.2f}/{figures['ppl_wiki']:.2f}, probe "
                f"{figures['probe_acc']:.1f}, weight L2 {figures['weight_l2']:.4g} "
                f"({figures['seconds']:.0f} s)")
@@ -238,8 +272,9 @@ def run(config, workdir) -> dict:
           "meta_state_info": meta_info, "devices": jax.device_count(),
       },
       "drift": {"weights": "the weights that answer a generic query; ReGrad, RAG, "
-                           "PRAG, Direct: the base weights; CPT: fine-tuned "
-                           "(LoRA merged)",
+                           "PRAG, Direct: the base weights; CPT, Instruction CPT: "
+                           "fine-tuned (LoRA merged); rag_ft, direct_ft: their "
+                           "LoRA merged",
                 "probe": f"greedy {config.eval.probe_tokens}-token cloze "
                          "continuation; gold answer within the first words",
                 "ppl": f"token-level, windows <= {config.eval.ppl_window} tokens"},

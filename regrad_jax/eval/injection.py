@@ -10,8 +10,10 @@ measured (eval/drift.py):
               in order (full weights or LoRA).
   ReGrad      grows its bank (and index) with the new documents' gradients; the
               weights never change.
-  RAG, PRAG   grow the shared index (PRAG trains adapters of retrieved documents).
-  Direct      nothing (the floor).
+  ICPT        as CPT, each document followed by training QA pairs.
+  RAG, PRAG,  grow the shared index (PRAG trains adapters of retrieved documents;
+  rag_ft      rag_ft answers with its fixed fine-tuned LoRA).
+  Direct      nothing (the floor; direct_ft: its fixed fine-tuned LoRA).
 
 The bank and index start with the distractors (config.data.num_distractors) and
 the first increment; later increments are appended through the engine's
@@ -92,7 +94,8 @@ def run(config, workdir) -> dict:
         distractors + stream[:increments[0]], bank_dir=out_dir / "bank")
   methods = [evaluate.make_method(n, config=config, params=params,
                                   model_cfg=model_cfg, tokenizer=tokenizer,
-                                  engine=engine, documents=distractors)
+                                  engine=engine, documents=distractors,
+                                  workdir=workdir)
              for n in names]
   meter = drift_lib.DriftMeter.from_config(config, params, tokenizer, model_cfg,
                                           corpus_ids=corpus_ids)
@@ -115,7 +118,8 @@ def run(config, workdir) -> dict:
                  "seconds": round(time.perf_counter() - t0, 1)}
       curve["methods"][method.name].append(figures)
       logging.info("%d docs, %s: %s", n, method.name, figures)
-      tqdm.write(f"{n} documents, {method.name}: F1 {figures['f1']:.1f} "
+      tqdm.write(f"{n} documents, {method.name}: F1 {figures['f1']:.1f}, acc "
+                 f"{figures['acc']:.1f} "
                  f"(n={figures['n']}), ppl {figures['ppl_general']:.2f}, probe "
                  f"{figures['probe_acc']:.1f}, weight L2 {figures['weight_l2']:.4g}")
     prev = n

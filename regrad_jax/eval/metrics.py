@@ -1,9 +1,14 @@
-"""QA metrics: exact match and token F1 with SQuAD answer normalisation.
+"""QA metrics: exact match, token F1 and answer accuracy, SQuAD-normalised.
 
 The one metrics module of the package. Normalisation follows the official
 SQuAD evaluation script (also used by the ReGrad reference): lower-case, drop
 ASCII punctuation, drop the articles a/an/the, collapse whitespace. A
 prediction is scored against every gold answer and the best score counts.
+
+Answer accuracy (`contains_answer`, "acc" in results) asks whether the
+prediction *contains* a gold answer: a sentence-long answer that names the
+right entity counts, where token F1 would punish its extra words. It separates
+knowing the answer from having learned the short answer format.
 
 Per-example functions return fractions in [0, 1]; `accuracy` and `aggregate`
 report percentages, as papers do.
@@ -54,6 +59,19 @@ def f1(pred: str, golds: str | Sequence[str]) -> float:
   return max(_token_f1(pred, g) for g in _golds(golds))
 
 
+def _contains_tokens(pred: str, gold: str) -> bool:
+  p, g = normalize(pred).split(), normalize(gold).split()
+  if not g:  # An empty gold is contained only in an empty prediction (as in EM).
+    return not p
+  return any(p[i:i + len(g)] == g for i in range(len(p) - len(g) + 1))
+
+
+def contains_answer(pred: str, golds: str | Sequence[str]) -> float:
+  """1.0 if some normalised gold occurs in the normalised prediction as a run
+  of whole tokens ("in Paris, France" contains "paris"; "Parisian" does not)."""
+  return float(any(_contains_tokens(pred, g) for g in _golds(golds)))
+
+
 def _check_lengths(preds: Sequence, golds: Sequence) -> None:
   if len(preds) != len(golds):
     raise ValueError(f"{len(preds)} predictions but {len(golds)} gold entries.")
@@ -71,13 +89,16 @@ def accuracy(preds: Sequence[str], golds: Sequence[str | Sequence[str]]) -> floa
 
 
 def aggregate(preds: Sequence[str], gold_lists: Sequence[str | Sequence[str]]) -> dict:
-  """Mean EM and F1 over a set of predictions, in percent.
+  """Mean EM, F1 and answer accuracy over a set of predictions, in percent.
 
   Returns:
-    {"em": float, "f1": float, "n": int}.
+    {"em": float, "f1": float, "acc": float, "n": int}.
   """
   _check_lengths(preds, gold_lists)
-  em = sum(exact_match(p, g) for p, g in zip(preds, gold_lists))
-  f = sum(f1(p, g) for p, g in zip(preds, gold_lists))
   n = len(preds)
-  return {"em": 100.0 * em / n, "f1": 100.0 * f / n, "n": n}
+
+  def mean(score):
+    return 100.0 * sum(score(p, g) for p, g in zip(preds, gold_lists)) / n
+
+  return {"em": mean(exact_match), "f1": mean(f1), "acc": mean(contains_answer),
+          "n": n}

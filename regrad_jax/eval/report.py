@@ -1,6 +1,6 @@
 """Results as Markdown tables and a matplotlib plot (no state; pure formatting).
 
-  results_table(results)        one row per method: EM, F1, n, drift figures
+  results_table(results)        one row per method: EM, F1, acc, n, drift figures
   injection_table(curve)        one row per (documents injected, method)
   plot_injection(curve, path)   F1 and drift against documents injected (PNG)
 
@@ -10,10 +10,13 @@ injection.json's (see eval/injection.py).
 import math
 import pathlib
 
-COLUMNS = (("em", "EM", "{:.1f}"), ("f1", "F1", "{:.1f}"), ("n", "n", "{:d}"),
+COLUMNS = (("em", "EM", "{:.1f}"), ("f1", "F1", "{:.1f}"), ("acc", "acc", "{:.1f}"),
+           ("n", "n", "{:d}"),
            ("ppl_general", "PPL general", "{:.2f}"), ("ppl_wiki", "PPL wiki", "{:.2f}"),
            ("probe_acc", "probe acc", "{:.1f}"), ("weight_l2", "weight L2", "{:.4g}"))
-TITLES = {"direct": "Direct", "rag": "RAG", "cpt": "CPT (full)", "cpt_lora": "CPT (LoRA)",
+TITLES = {"direct": "Direct", "direct_ft": "Direct (fine-tuned)", "rag": "RAG",
+          "rag_ft": "RAG (fine-tuned)", "cpt": "CPT (full)", "cpt_lora": "CPT (LoRA)",
+          "icpt": "Instruction CPT (full)", "icpt_lora": "Instruction CPT (LoRA)",
           "prag": "PRAG", "regrad": "ReGrad", "regrad_icl": "ReGrad + ICL"}
 
 
@@ -33,7 +36,10 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def results_table(methods: dict) -> str:
-  """Markdown: one row per method (method -> {em, f1, n, ppl_*, probe_acc, ...})."""
+  """Markdown: one row per method (method -> {em, f1, acc, n, ppl_*, probe_acc, ...}).
+
+  acc: the answer contains a gold answer (eval/metrics.contains_answer).
+  """
   if not methods:
     raise ValueError("results_table: no methods")
   rows = [[TITLES.get(name, name)] + [_cell(fig.get(key), fmt) for key, _, fmt in COLUMNS]

@@ -16,7 +16,8 @@ theta' = theta - alpha (.) sum_c g_c(theta):
   rag           base model with the passages in the prompt.
   regrad_icl    theta*, alpha, and the passages also in the prompt.
 
-Each row: EM / F1 (percent, SQuAD-normalised) of greedy answers, and the mean
+Each row: EM / F1 / answer accuracy (percent, SQuAD-normalised; acc: the
+answer contains a gold answer) of greedy answers, and the mean
 answer loss (nats per answer token, teacher-forced), which moves long before F1.
 A mixture (config.data.name "cpkc+squad") is evaluated per domain: the row's
 figures are the domains' means, each domain's under "domains".
@@ -44,7 +45,7 @@ def run(config, workdir, *, num: int = 200, raw_steps=(1e-2, 1e-1),
   `only`: a subset of the condition names (default: all).
 
   The meta-learned state comes from config.meta.init_from or WORKDIR/meta_state.
-  Returns {condition: {"em", "f1", "loss", "n"}}, in the order of the table.
+  Returns {condition: {"em", "f1", "acc", "loss", "n"}}, in the order of the table.
   """
   params, model_cfg, tokenizer = loaders.load_model(config.model)
   theta, alpha, lcfg = state_lib.load_for(config, workdir, params, tokenizer)
@@ -72,13 +73,15 @@ def run(config, workdir, *, num: int = 200, raw_steps=(1e-2, 1e-1),
 
 
 def table(rows: dict) -> str:
-  """Markdown: condition | EM | F1 | answer loss | n (| F1 per domain)."""
+  """Markdown: condition | EM | F1 | acc | answer loss | n (| F1 per domain)."""
   domains = list(next(iter(rows.values()), {}).get("domains", {}))
-  lines = ["| condition | EM | F1 | answer loss | n |" + "".join(f" F1 {d} |" for d in domains),
-           "|---|---|---|---|---|" + "---|" * len(domains)]
+  lines = ["| condition | EM | F1 | acc | answer loss | n |"
+           + "".join(f" F1 {d} |" for d in domains),
+           "|---|---|---|---|---|---|" + "---|" * len(domains)]
   for name, r in rows.items():
     title = TITLES.get(name, name.replace("raw_grad:", "raw LM gradient, fixed step "))
     n = r.get("n", sum(d["n"] for d in r.get("domains", {}).values()))
-    lines.append(f"| {title} | {r['em']:.1f} | {r['f1']:.1f} | {r['loss']:.3f} | {n} |"
+    lines.append(f"| {title} | {r['em']:.1f} | {r['f1']:.1f} | {r['acc']:.1f} | "
+                 f"{r['loss']:.3f} | {n} |"
                  + "".join(f" {r['domains'][d]['f1']:.1f} |" for d in domains))
   return "\n".join(lines)

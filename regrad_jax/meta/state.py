@@ -6,6 +6,10 @@ Layout of a state directory:
                 tokenizer, the training step and dev metrics, and the config.
 The bank, the evaluation and the quickstart refuse a state whose base-weight or
 tokenizer fingerprint differs from the model they run.
+
+`save_tree` / `load_tree` are the same format for any tree of arrays (the
+fine-tuned baselines' adapters, baselines/finetuned.py, are saved with them:
+DIR/arrays holds {"lora": ...}); `save` / `load` are the meta state's view.
 """
 import json
 import pathlib
@@ -16,8 +20,9 @@ import numpy as np
 from regrad_jax.model.lora import LoraConfig
 
 
-def save(path, theta: dict, alpha, info: dict) -> None:
-  """Writes theta, alpha and info to `path` (replaced if present).
+def save_tree(path, tree: dict, info: dict) -> None:
+  """Writes a tree of arrays (DIR/arrays) and info (DIR/info.json) to `path`
+  (replaced if present).
 
   Every process of a multi-host job calls this (orbax saves are collective);
   process 0 alone writes info.json.
@@ -25,28 +30,35 @@ def save(path, theta: dict, alpha, info: dict) -> None:
   import orbax.checkpoint as ocp  # Lazy: 0.15-0.5 s of start-up for any importer.
   path = pathlib.Path(path).absolute()
   ckpt = ocp.StandardCheckpointer()
-  ckpt.save(path / "arrays", {"theta": theta, "alpha": alpha}, force=True)
+  ckpt.save(path / "arrays", tree, force=True)
   ckpt.wait_until_finished()
   if jax.process_index() == 0:
     (path / "info.json").write_text(json.dumps(info, indent=2, sort_keys=True))
 
 
-def load(path, *, expect_base: str | None = None,
-         expect_tokenizer: str | None = None):
-  """Reads a state directory -> (theta, alpha, info) as NumPy-backed trees.
+def save(path, theta: dict, alpha, info: dict) -> None:
+  """Writes theta, alpha and info to `path` (replaced if present); see save_tree."""
+  save_tree(path, {"theta": theta, "alpha": alpha}, info)
 
+
+def load_tree(path, *, expect_base: str | None = None,
+              expect_tokenizer: str | None = None, what: str = "meta state"
+              ) -> tuple[dict, dict]:
+  """Reads a directory written by save_tree -> (NumPy-backed tree, info).
+
+  what: names the kind of state in error messages.
   Raises:
-    FileNotFoundError: no state at `path`.
-    ValueError: the state was meta-learned on different base weights or tokenizer.
+    FileNotFoundError: nothing saved at `path`.
+    ValueError: the state was trained on different base weights or tokenizer.
   """
   path = pathlib.Path(path).absolute()
   if not (path / "info.json").exists():
-    raise FileNotFoundError(f"no meta-learned state at {path} (missing info.json)")
+    raise FileNotFoundError(f"no {what} at {path} (missing info.json)")
   info = json.loads((path / "info.json").read_text())
   for name, want in (("base_fingerprint", expect_base),
                      ("tokenizer_fingerprint", expect_tokenizer)):
     if want is not None and info.get(name) != want:
-      raise ValueError(f"meta state at {path} was trained with {name}="
+      raise ValueError(f"{what} at {path} was trained with {name}="
                        f"{info.get(name)}, but the model here has {want}")
   # Restore into host NumPy arrays shaped from the metadata: a state saved by a
   # multi-process job reads back in one process (and vice versa).
@@ -55,8 +67,26 @@ def load(path, *, expect_base: str | None = None,
   meta = ckpt.metadata(path / "arrays").item_metadata.tree
   target = jax.tree.map(lambda m: np.zeros(m.shape, m.dtype), meta,
                         is_leaf=lambda x: hasattr(x, "shape"))
-  tree = jax.tree.map(np.asarray, ckpt.restore(path / "arrays", target))
+  return jax.tree.map(np.asarray, ckpt.restore(path / "arrays", target)), info
+
+
+def load(path, *, expect_base: str | None = None,
+         expect_tokenizer: str | None = None):
+  """Reads a meta state directory -> (theta, alpha, info) as NumPy-backed trees.
+
+  Raises:
+    FileNotFoundError: no state at `path`.
+    ValueError: the state was meta-learned on different base weights or tokenizer.
+  """
+  tree, info = load_tree(path, expect_base=expect_base, expect_tokenizer=expect_tokenizer,
+                         what="meta-learned state")
   return tree["theta"], tree["alpha"], info
+
+
+def lora_info(lcfg: LoraConfig) -> dict:
+  """The "lora" entry of an info.json (inverse of lora_config_from_info)."""
+  return {"rank": lcfg.rank, "alpha": lcfg.alpha, "start": lcfg.start,
+          "stop": lcfg.stop, "targets": list(lcfg.targets)}
 
 
 def lora_config_from_info(info: dict) -> LoraConfig:

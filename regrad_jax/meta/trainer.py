@@ -165,7 +165,7 @@ def evaluate_domains(params, meta, dev_tasks: dict, tokenizer, **kw) -> dict:
   per = {name: evaluate(params, meta, tasks, tokenizer, **kw)
          for name, tasks in dev_tasks.items()}
   mean = {key: float(np.mean([d[key] for d in per.values()]))
-          for key in ("em", "f1", "loss")}
+          for key in ("em", "f1", "acc", "loss")}
   return {**mean, "domains": per} if len(per) > 1 else next(iter(per.values()))
 
 

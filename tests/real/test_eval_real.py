@@ -16,7 +16,7 @@ from regrad_jax.eval import evaluate
 
 pytestmark = pytest.mark.real
 
-FIELDS = ("em", "f1", "n", "ppl_general", "ppl_wiki", "probe_acc", "weight_l2",
+FIELDS = ("em", "f1", "acc", "n", "ppl_general", "ppl_wiki", "probe_acc", "weight_l2",
           "seconds")
 
 
