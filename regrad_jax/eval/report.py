@@ -17,7 +17,7 @@ COLUMNS = (("em", "EM", "{:.1f}"), ("f1", "F1", "{:.1f}"), ("acc", "acc", "{:.1f
 TITLES = {"direct": "Direct", "direct_ft": "Direct (fine-tuned)", "rag": "RAG",
           "rag_ft": "RAG (fine-tuned)", "cpt": "CPT (full)", "cpt_lora": "CPT (LoRA)",
           "icpt": "Instruction CPT (full)", "icpt_lora": "Instruction CPT (LoRA)",
-          "prag": "PRAG", "regrad": "ReGrad", "regrad_icl": "ReGrad + ICL"}
+          "prag": "PRAG", "regrad": "ReGrad", "regrad_icl": "ReGrad + ICL (blind-trained state)"}
 
 
 def _cell(value, fmt: str) -> str:

@@ -1,13 +1,20 @@
 """benchmarks.suite --mode=quick: every figure runs (tiny model) and the report
-holds every field the full suite reports, measured (finite numbers)."""
+holds every field the full suite reports, measured (finite numbers).
+
+In the real suite for its cost (about 75 s of 2 cores): the default suite keeps
+under 10 minutes."""
 import json
 import math
 import os
 import subprocess
 import sys
 
+import pytest
+
 from benchmarks import suite
 from tests.conftest import REPO
+
+pytestmark = pytest.mark.real
 
 
 def test_quick_suite_report_has_every_field(tmp_path):
