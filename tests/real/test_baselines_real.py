@@ -5,7 +5,10 @@ Trains the rag_ft and direct_ft adapters for 3 steps of 2 tasks (from the first
 64 training questions) into the workdir, then evaluate.run answers 4 cpkc test
 questions with them and with Instruction CPT (full weights), on the quickstart
 config (the released meta-state, K=1). It checks the pipeline, the saved
-adapters and the figures' presence, not accuracy. About 3 CPU-minutes.
+adapters and the figures' presence, not accuracy. Measured: 8.8 CPU-minutes
+(user; 26 min wall on a 2-core machine at load 15-28), most of it compiling
+SmolLM2 programs (a LoRA training step per QA-length bucket, the LoRA decoder,
+full-weight Instruction CPT).
 """
 import json
 import math
