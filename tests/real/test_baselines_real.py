@@ -16,7 +16,7 @@ import math
 import pytest
 
 import regrad_jax
-from launch import quickstart
+from configs import quickstart
 from regrad_jax.eval import evaluate
 
 pytestmark = pytest.mark.real
@@ -25,7 +25,7 @@ METHODS = ("direct_ft", "rag_ft", "icpt")
 
 
 def test_fine_tuned_baselines_smollm2_cpkc(shared_data_dir, tmp_path):
-  c = quickstart.quickstart_config()
+  c = quickstart.get_config()
   c.data.root = str(shared_data_dir)
   c.data.num_distractors = 4
   c.meta.num_train_tasks = 64
