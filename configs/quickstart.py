@@ -1,6 +1,6 @@
 """The main job (launch/quickstart.py): SmolLM2 + cpkc, ReGrad against Direct, RAG and CPT.
 
-Sized to finish in about 10 minutes on 2 CPU cores (7 min 18 s measured with the
+Sized to finish in about 10 minutes on 2 CPU cores (5 min 0 s measured with the
 model and data cached): 48 cpkc test questions whose passages sit among 100
 Wikipedia distractors, the released meta-learned state, K=1 retrieved passage.
 
