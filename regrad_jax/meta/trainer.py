@@ -100,11 +100,15 @@ def batch_indices(seed: int, step: int, batch_size: int, sizes,
     domain = np.minimum(np.searchsorted(np.cumsum(p), draws, side="right"),
                         len(sizes) - 1)
   offset = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+  # Slot i is the rank[i]-th slot (from 0) that drew its domain.
+  rank = np.zeros(last, np.int64)
+  for d in range(len(sizes)):
+    hit = domain == d
+    rank[hit] = np.arange(int(hit.sum()))
   out = []
   for i in range(first, last):
     d = domain[i]
-    pos = int(np.sum(domain[:i] == d))  # Earlier slots that drew domain d.
-    epoch, pos = divmod(pos, int(sizes[d]))
+    epoch, pos = divmod(int(rank[i]), int(sizes[d]))
     rng = np.random.default_rng([seed, epoch] if d == 0 else [seed, epoch, 1, int(d)])
     out.append(offset[d] + rng.permutation(int(sizes[d]))[pos])
   return np.asarray(out)
