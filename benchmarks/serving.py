@@ -19,13 +19,11 @@ from ml_collections import config_flags
 
 import regrad_jax
 from benchmarks import common
-from regrad_jax import data as data_lib, prompts
+from regrad_jax import data as data_lib, kb as kb_lib, prompts
 from regrad_jax.adapt import ReGrad
-from regrad_jax.baselines import common as common_lib
-from regrad_jax.bank import bank as bank_lib, pipeline
-from regrad_jax.meta import objective, state
-from regrad_jax.model import decode, loaders, sampling
-from regrad_jax.retrieval import index as index_lib, retriever as retriever_lib
+from regrad_jax.meta import objective
+from regrad_jax.model import decode, sampling
+from regrad_jax.retrieval import index as index_lib
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/smollm2_cpkc.py:ctx=96")
 _VECTORS = flags.DEFINE_integer("vectors", 100_000, "Vectors in the retrieval part.")
@@ -66,23 +64,24 @@ def retrieval_part(config, n, d=384, q=1000):
 
 
 def answering_part(config, n_docs):
-  params, mcfg, tok = loaders.load_model(config.model)
   if not config.meta.init_from:  # SmolLM2's released state unless one is named.
     config.meta.init_from = str(regrad_jax.released("smollm2_135m_cpkc"))
-  theta, alpha, lcfg = state.load_for(config, None, params, tok)
   docs, recs = data_lib.load_split(config, "test")
   docs, questions = docs[:n_docs], [r.question for r in recs[:16]]
-  computer = pipeline.make_computer(config, params, mcfg, tok, theta, lcfg)
-  bank = bank_lib.Bank.open_for(tempfile.mkdtemp() + "/bank", computer)
-  bank.build(docs, computer)
-  retriever = retriever_lib.Retriever.build(config, docs)
+  config.adapt.batch_size = len(questions)
+  engine = ReGrad.from_config(config, tempfile.mkdtemp(), documents=docs,
+                              chunking=kb_lib.Chunking.from_config(config, mode="truncate"))
+  (params, mcfg, tok), (theta, alpha, lcfg) = engine.model, (
+      engine.meta.theta, engine.meta.alpha, engine.meta.lora_config)
+  bank, retriever = engine.bank, engine.retriever
   k, Q, new = config.adapt.k, len(questions), config.adapt.max_new_tokens
 
   ids, _ = retriever.search(questions, k)
   sums = bank.gather_sum(ids)
   tokens, mask = sampling.encode_prompts(tok, [prompts.qa_prompt(q, tok) for q in questions])
   # RAG reads each passage cut to the length a banked gradient sees (as baselines.rag).
-  texts = common_lib.prompt_texts(tok, docs, config.data.max_context_len)
+  texts = {d.id: prompts.truncate_text(tok, d.text, config.data.max_context_len)
+           for d in docs}
   rag_t, rag_m = sampling.encode_prompts(
       tok, [prompts.qa_prompt(q, tok, [texts[i] for i in row]) for q, row in zip(questions, ids)])
   adapt = jax.jit(objective.batched_adapt)
@@ -118,16 +117,14 @@ def answering_part(config, n_docs):
 
   # Serving throughput through the user-facing engine (retrieve, gather, adapt,
   # generate, detokenise): batches of 16 vs the same queries one per call.
-  engines = [ReGrad(params, mcfg, tok, theta, alpha, lcfg, bank, retriever,
-                    {d.id: d.text for d in docs}, computer, k=k, max_new_tokens=new,
-                    batch_size=b) for b in (Q, 1)]
-  batched = common.median_time(lambda: engines[0].answer(questions), repeats=3)
+  batched = common.median_time(lambda: engine.answer(questions), repeats=3)
   figures = {f"{k}_s": v for k, v in times.items()}
   figures.update(rag_generate_s=rag, closed_generate_s=closed, queries=Q,
                  prompt_len=int(tokens.shape[1]), batched_qps=Q / batched,
                  **{f"first_{k}_s": v for k, v in first.items()})
   if _SINGLE.value:
-    single = common.median_time(lambda: [engines[1].answer([q]) for q in questions],
+    engine.batch_size = 1
+    single = common.median_time(lambda: [engine.answer([q]) for q in questions],
                                 repeats=1)
     figures["single_qps"] = Q / single
     print(f"  engine.answer batched {Q / batched:.2f} q/s vs one-at-a-time "

@@ -131,7 +131,14 @@ def base() -> mlc.ConfigDict:
   # --- Evaluation (regrad_jax/eval, regrad_jax/baselines) ---------------------
   c.eval = mlc.ConfigDict()
   c.eval.split = "dev"  # QA split whose questions are asked (its passages banked).
-  c.eval.num_questions = 200  # First N questions of the split (-1 = all).
+  # How the evaluation banks its corpus: "truncate" (one passage per document, cut
+  # to the banked length: what the meta-state trains on and RAG reads; the
+  # reported protocol) or "chunk" (as data.long_documents: our extension).
+  c.eval.long_documents = "truncate"
+  c.eval.num_questions = 200  # First N questions of the split (-1 = all) ...
+  # ... from this one on (e.g. meta.num_eval on dev: the questions before it chose
+  # the meta-state's checkpoint, so they are not reported).
+  c.eval.first_question = 0
   # Any of: direct, direct_ft, rag, rag_ft, cpt (full weights), cpt_lora, icpt
   # (full weights), icpt_lora, prag, regrad, regrad_icl.
   c.eval.methods = ("direct", "rag", "cpt", "regrad", "regrad_icl")

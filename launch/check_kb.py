@@ -6,7 +6,7 @@ damaged rows from their stored texts at the recorded theta*.
 from absl import app, flags
 from ml_collections import config_flags
 
-from regrad_jax import kb
+from regrad_jax.bank import pipeline
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory with kb.sqlite, bank, index.",
@@ -16,7 +16,7 @@ _REPAIR = flags.DEFINE_bool("repair", False, "Recompute damaged rows, re-save th
 
 def main(argv):
   del argv
-  report = kb.check_and_repair(_WORKDIR.value, _CONFIG.value if _REPAIR.value else None)
+  report = pipeline.check_and_repair(_WORKDIR.value, _CONFIG.value if _REPAIR.value else None)
   print(report.summary())
   return 0 if report.ok else 1
 

@@ -21,10 +21,9 @@ _METHOD = flags.DEFINE_enum("method", "rag_ft", list(finetuned.MODES), "Which ad
 
 def main(argv):
   del argv
-  params, model_cfg, tokenizer = loaders.load_model(_CONFIG.value.model)
+  model = loaders.load_model(_CONFIG.value.model)
   path = pathlib.Path(_WORKDIR.value) / _METHOD.value
-  info = finetuned.train_and_save(_CONFIG.value, path, params, model_cfg, tokenizer,
-                                  _METHOD.value)
+  info = finetuned.train_and_save(_CONFIG.value, path, model, _METHOD.value)
   print(f"{_METHOD.value}: {info['tasks']} tasks, answer loss {info['loss_first']:.3f} "
         f"-> {info['loss_last_10']:.3f} (last 10 steps), {info['seconds']:.0f} s; {path}")
 

@@ -55,7 +55,7 @@ class Chunking:
 
   Attributes:
     mode: "chunk" (overlapping passages) or "truncate" (the first max_len tokens).
-    max_len: tokens of one passage as banked (config.data.max_context_len).
+    max_len: tokens of one passage as banked (the gradient computer's max_len).
     overlap: tokens consecutive passages share (chunk mode).
   """
   mode: str = "chunk"
@@ -70,9 +70,12 @@ class Chunking:
                        f"{self.max_len // 2})")
 
   @classmethod
-  def from_config(cls, config) -> "Chunking":
+  def from_config(cls, config, mode: str | None = None) -> "Chunking":
+    """config.data's chunking (mode: overrides data.long_documents), passages of
+    the banked length (bank.max_context_len, else data.max_context_len)."""
     d = config.data
-    return cls(mode=d.get("long_documents", "chunk"), max_len=int(d.max_context_len),
+    max_len = config.bank.get("max_context_len", 0) or d.max_context_len
+    return cls(mode=mode or d.get("long_documents", "chunk"), max_len=int(max_len),
                overlap=int(d.get("chunk_overlap", 16)))
 
   def to_dict(self) -> dict:
@@ -530,25 +533,3 @@ def check(workdir, *, batch_rows: int = 16) -> CheckReport:
   elif sorted(r.ids) != sorted(p.id for p in ps):
     out.problems.append(f"index {index} does not hold the catalog's passages: {fix}")
   return out
-
-
-
-def check_and_repair(workdir, config=None) -> CheckReport:
-  """`check`; with a config, recomputes the damaged rows from their stored texts
-  (theta* from the config's state, which must match the bank's identity), saves a
-  fresh index when it is absent, stale or damaged, and checks again."""
-  report = check(workdir)
-  if config is None or report.ok or not report.documents:
-    return report
-  from regrad_jax.bank import pipeline  # pylint: disable=g-import-not-at-top
-  from regrad_jax.meta import state as state_lib  # pylint: disable=g-import-not-at-top
-  from regrad_jax.model import loaders  # pylint: disable=g-import-not-at-top
-  from regrad_jax.retrieval import retriever as retriever_lib  # pylint: disable=g-import-not-at-top
-  kb = KnowledgeBase.open(workdir, lock_timeout=config.bank.get("lock_timeout", 0.0))
-  if report.damaged:
-    params, model_cfg, tokenizer = loaders.load_model(config.model)
-    theta, _, lcfg = state_lib.load_for(config, workdir, params, tokenizer)
-    kb.repair(report.damaged,
-              pipeline.make_computer(config, params, model_cfg, tokenizer, theta, lcfg))
-  kb.save_index(retriever_lib.Retriever.build(config, kb.passages))
-  return check(workdir)

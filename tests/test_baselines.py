@@ -9,7 +9,6 @@ from regrad_jax import baselines
 from regrad_jax import data as data_lib
 from regrad_jax import prompts
 from regrad_jax import retrieval
-from regrad_jax.baselines import common
 from regrad_jax.baselines import finetuned
 from regrad_jax.baselines import icpt as icpt_lib
 from regrad_jax.baselines import prag as prag_lib
@@ -43,7 +42,7 @@ def _assert_same(tree, snap):
 
 def test_direct_gives_well_formed_metrics(setup):
   c, params, model_cfg, tok, _, records = setup
-  method = baselines.Direct(params, model_cfg, tok, c)
+  method = baselines.Direct(loaders.Model(params, model_cfg, tok), c)
   preds = method.answer([r.question for r in records])
   assert len(preds) == len(records) and all(isinstance(p, str) for p in preds)
   result = metrics.aggregate(preds, [r.answers for r in records])
@@ -56,7 +55,7 @@ def test_direct_gives_well_formed_metrics(setup):
 def test_cpt_changes_weights_and_lowers_loss(setup, use_lora):
   c, params, model_cfg, tok, docs, records = setup
   base = _snapshot(params)
-  method = baselines.CPT(params, model_cfg, tok, c, lora=use_lora)
+  method = baselines.CPT(loaders.Model(params, model_cfg, tok), c, lora=use_lora)
   before = method.lm_loss(docs) if not use_lora else None
   method.inject(docs[:2])  # A stream: two arrivals, one optimiser state.
   method.inject(docs[2:])
@@ -74,13 +73,13 @@ def test_cpt_changes_weights_and_lowers_loss(setup, use_lora):
   with pytest.raises(ValueError, match="doc_buckets"):
     bad = tiny.get_config()
     bad.data.doc_buckets = (32,)
-    baselines.CPT(params, model_cfg, tok, bad)
+    baselines.CPT(loaders.Model(params, model_cfg, tok), bad)
 
 
 def test_rag_retrieves_and_indexes_only_new_documents(setup):
   c, params, model_cfg, tok, docs, records = setup
   retriever = retrieval.Retriever.build(c, docs[:2])
-  method = baselines.RAG(params, model_cfg, tok, retriever, docs[:2], c, k=2)
+  method = baselines.RAG(loaders.Model(params, model_cfg, tok), retriever, docs[:2], c, k=2)
   method.inject(docs)  # Two known, two new.
   assert sorted(retriever.ids) == sorted(d.id for d in docs)
   preds = method.answer([r.question for r in records])
@@ -124,7 +123,7 @@ def test_prag_trains_adapters_of_retrieved_documents(setup):
   c, params, model_cfg, tok, docs, records = setup
   base = _snapshot(params)
   retriever = retrieval.Retriever.build(c, docs)
-  method = baselines.PRAG(params, model_cfg, tok, retriever, docs, c, k=2)
+  method = baselines.PRAG(loaders.Model(params, model_cfg, tok), retriever, docs, c, k=2)
   preds = method.answer([r.question for r in records])
   assert len(preds) == len(records)
   retrieved = {i for row in method.last_doc_ids for i in row}
@@ -138,33 +137,32 @@ def test_prag_trains_adapters_of_retrieved_documents(setup):
 class _StubEngine:
   """Records what a ReGradMethod sends the engine (the engine has its own tests)."""
 
-  def __init__(self, tok, known):
-    self.tokenizer, self.bank, self.texts, self.injected = tok, set(known), {}, []
-    self.params = {"w": np.zeros(2)}
+  def __init__(self, known):
+    self.kb = type("KB", (), {"documents": dict.fromkeys(known, "text")})()
+    self.model = loaders.Model({"w": np.zeros(2)}, None, None)
+    self.injected = []
 
   def inject(self, documents):
     self.injected += [d.id for d in documents]
-    self.bank |= {d.id for d in documents}
-    self.texts.update({d.id: d.text for d in documents})
+    self.kb.documents.update({d.id: d.text for d in documents})
 
   def answer(self, questions, k, mode):
     return [type("R", (), {"answer": f" {mode}{k} ", "doc_ids": ("a",)})()
             for _ in questions]
 
 
-def test_regrad_view_injects_once_and_cuts_icl_passages(setup):
-  _, _, _, tok, docs, _ = setup
-  engine = _StubEngine(tok, known=[docs[0].id])
-  blind = baselines.ReGradMethod(engine, mode="blind", k=2, max_context_len=10)
-  icl = baselines.ReGradMethod(engine, mode="icl", k=2, max_context_len=10)
+def test_regrad_view_injects_once(setup):
+  _, _, _, _, docs, _ = setup
+  engine = _StubEngine(known=[docs[0].id])
+  blind = baselines.ReGradMethod(engine, mode="blind", k=2)
+  icl = baselines.ReGradMethod(engine, mode="icl", k=2)
   blind.inject(docs)
   icl.inject(docs)  # Shared engine: nothing left to compute.
   assert engine.injected == [d.id for d in docs[1:]]
-  assert all(len(tok.encode(engine.texts[d.id])) == 10 for d in docs[1:])
   assert icl.answer(["q1", "q2"]) == ["icl2", "icl2"]
   assert blind.name == "regrad" and icl.name == "regrad_icl"
   assert icl.last_doc_ids == [["a"], ["a"]]
-  assert blind.generic_params() is engine.params
+  assert blind.generic_params() is engine.model.params
   with pytest.raises(ValueError, match="mode"):
     baselines.ReGradMethod(engine, mode="nope")
 
@@ -176,7 +174,7 @@ def fine_tuned(setup, tmp_path_factory):
   c = c.copy_and_resolve_references()
   c.eval.ft_steps, c.eval.ft_lr = 8, 3e-2
   path = tmp_path_factory.mktemp("ft") / "rag_ft"
-  info = finetuned.train_and_save(c, path, params, model_cfg, tok, "rag_ft")
+  info = finetuned.train_and_save(c, path, loaders.Model(params, model_cfg, tok), "rag_ft")
   return c, path, info
 
 
@@ -201,7 +199,7 @@ def test_fine_tuned_rag_trains_saves_and_refuses_other_bases(setup, fine_tuned):
   base = _snapshot(params)
   assert info["tasks"] == 32 and info["mode"] == "icl"
   assert len((path / "train_metrics.jsonl").read_text().splitlines()) == 8
-  lora, lcfg, loaded = finetuned.load_adapter(path, params, tok, method="rag_ft")
+  lora, lcfg, loaded = finetuned.load_adapter(path, loaders.Model(*setup[1:4]), method="rag_ft")
   assert lcfg == lora_lib.LoraConfig.from_config(c.lora, model_cfg)  # theta*'s layout.
   assert loaded["base_fingerprint"] == info["base_fingerprint"]
   # Trained: the answer loss on training tasks drops well below the base model's.
@@ -210,9 +208,9 @@ def test_fine_tuned_rag_trains_saves_and_refuses_other_bases(setup, fine_tuned):
   assert after < before - 0.1, (before, after)
   # It answers with RAG's retriever and K; its generic weights carry the LoRA.
   retriever = retrieval.Retriever.build(c, docs)
-  method = baselines.FineTunedRAG(params, model_cfg, tok, retriever, docs, c,
+  method = baselines.FineTunedRAG(loaders.Model(params, model_cfg, tok), retriever, docs, c,
                                   lora=lora, lora_config=lcfg, k=2)
-  rag = baselines.RAG(params, model_cfg, tok, retriever, docs, c, k=2)
+  rag = baselines.RAG(loaders.Model(params, model_cfg, tok), retriever, docs, c, k=2)
   questions = [r.question for r in records]
   preds, raw = method.answer(questions), rag.answer(questions)
   assert method.last_doc_ids == rag.last_doc_ids
@@ -222,11 +220,11 @@ def test_fine_tuned_rag_trains_saves_and_refuses_other_bases(setup, fine_tuned):
   # Refused: other base weights, or another method's adapter.
   other = {**params, "embed": np.asarray(params["embed"]) + np.float32(1e-3)}
   with pytest.raises(ValueError, match="base_fingerprint"):
-    finetuned.load_adapter(path, other, tok)
+    finetuned.load_adapter(path, loaders.Model(other, model_cfg, tok))
   with pytest.raises(ValueError, match="direct_ft"):
-    finetuned.load_adapter(path, params, tok, method="direct_ft")
+    finetuned.load_adapter(path, loaders.Model(*setup[1:4]), method="direct_ft")
   with pytest.raises(FileNotFoundError, match="fine-tuned adapter"):
-    finetuned.load_adapter(path.parent / "nothing", params, tok)
+    finetuned.load_adapter(path.parent / "nothing", loaders.Model(*setup[1:4]))
 
 
 def test_fine_tuned_trains_on_the_meta_trainers_tasks(setup):
@@ -239,17 +237,17 @@ def test_fine_tuned_trains_on_the_meta_trainers_tasks(setup):
   assert order.shape == (3, 2)
   np.testing.assert_array_equal(order[2], trainer.batch_indices(c.seed, 2, 2, 64))
   c.eval.ft_lr = 0.0  # Blind tasks: prompts without passages; a zero step keeps B = 0.
-  lora, _, history = finetuned.train_adapter(c, *setup[1:4], "direct_ft")
+  lora, _, history = finetuned.train_adapter(c, loaders.Model(*setup[1:4]), "direct_ft")
   assert len(history) == 3
   assert all(not np.any(x) for x in jax.tree.leaves({k: v["b"] for k, v in lora.items()}))
   with pytest.raises(ValueError, match="fine-tuned baseline"):
-    finetuned.train_adapter(c, *setup[1:4], "nope")
+    finetuned.train_adapter(c, loaders.Model(*setup[1:4]), "nope")
 
 
 def test_icpt_mixes_qa_pairs_and_trains_full_weights(setup):
   c, params, model_cfg, tok, docs, _ = setup
   base = _snapshot(params)
-  method = baselines.ICPT(params, model_cfg, tok, c)
+  method = baselines.ICPT(loaders.Model(params, model_cfg, tok), c)
   assert method.name == "icpt"
   method.inject(docs[:2])  # 2 documents + 2 QA pairs: one batch per epoch.
   method.inject(docs[2:3])

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from configs import tiny
+from regrad_jax import adapt
 from regrad_jax.data.records import QARecord
 from regrad_jax.eval import drift, evaluate, injection, report
 from regrad_jax.meta import objective, state as state_lib
@@ -138,7 +139,8 @@ def _config(methods):
 
 
 def test_evaluate_end_to_end(workdir):
-  out = evaluate.run(_config(("direct", "cpt", "regrad")), workdir)
+  c = _config(("direct", "cpt", "regrad"))
+  out = evaluate.run(c, workdir)
   saved = json.loads((workdir / "results.json").read_text())
   assert saved["methods"] == out["methods"]
   for name, figs in saved["methods"].items():
@@ -160,6 +162,23 @@ def test_evaluate_end_to_end(workdir):
       assert figs[key] == pytest.approx(100 * np.mean([p[key] for p in rows])), key
   assert all(len(p["doc_ids"]) == 3 for p in preds if p["method"] == "regrad")
   assert "ReGrad" in (workdir / "results.md").read_text()
+  # It leaves a knowledge base of exactly its corpus, which launch.answer serves.
+  served = adapt.ReGrad.load(workdir, c)
+  assert len(served.kb.documents) == 4 == len(served.retriever.ids)
+  first = next(p for p in preds if p["method"] == "regrad")
+  assert served.answer([first["question"]])[0].answer.strip() == first["prediction"]
+
+
+def test_first_question_skips_the_selection_questions():
+  c = _config(("direct",))
+  c.eval.num_questions = -1
+  _, every = evaluate.select_records(c)
+  c.eval.num_questions, c.eval.first_question = 4, 3
+  _, recs = evaluate.select_records(c)
+  assert [r.id for r in recs] == [r.id for r in every[3:7]]
+  c.eval.first_question = len(every)
+  with pytest.raises(ValueError, match="first_question"):
+    evaluate.select_records(c)
 
 
 def test_evaluate_fine_tuned_baselines_and_icpt(workdir):
@@ -175,12 +194,12 @@ def test_evaluate_fine_tuned_baselines_and_icpt(workdir):
   info = workdir / "rag_ft" / "info.json"
   assert json.loads(info.read_text())["tasks"] == 4 * c.meta.batch_size
   stamp = info.stat().st_mtime_ns
-  params, cfg, tok = loaders.load_model(c.model)
-  assert finetuned.ensure_adapter(c, workdir, params, cfg, tok, "rag_ft") == info.parent
+  model = loaders.load_model(c.model)
+  assert finetuned.ensure_adapter(c, workdir, model, "rag_ft") == info.parent
   assert info.stat().st_mtime_ns == stamp  # Loaded, not trained again.
   c.eval.direct_ft_from = str(workdir / "nowhere")  # A given path is never trained into.
   with pytest.raises(FileNotFoundError, match="fine-tuned adapter"):
-    evaluate.fine_tuned_adapter(c, workdir, params, cfg, tok, "direct_ft")
+    evaluate.fine_tuned_adapter(c, workdir, model, "direct_ft")
   assert not (workdir / "nowhere").exists()
 
 

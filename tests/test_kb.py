@@ -221,7 +221,7 @@ def test_damaged_chunk_is_an_error_and_check_kb_repairs_it(wd, damage):
   proc = subprocess.run([sys.executable, "-m", "launch.check_kb", f"--workdir={wd}"],
                         capture_output=True, cwd=REPO, timeout=300)
   assert proc.returncode == 1 and victim.id.encode() in proc.stdout
-  fixed = kb_lib.check_and_repair(wd, CONFIG)
+  fixed = pipeline.check_and_repair(wd, CONFIG)
   assert fixed.ok, fixed.problems
   got = committed_rows(wd)[victim.id]
   for leaf in want:  # Recomputed from the stored text at the recorded theta*.
@@ -388,22 +388,6 @@ def test_reload_answers_from_exactly_the_committed_documents(wd):
   assert kb_lib.check(wd).ok
 
 
-def test_in_memory_engine_is_all_or_nothing(wd):
-  """An engine without a knowledge base (the evaluation's) validates first too."""
-  kb = kb_lib.KnowledgeBase.open(wd)
-  engine = ReGrad.load(wd, CONFIG)
-  mem = ReGrad(engine.params, engine.model_config, engine.tokenizer, engine.theta,
-               engine.alpha, engine.lora_config, kb.bank, engine.retriever,
-               dict(engine.texts), engine.computer, k=2, max_new_tokens=4, batch_size=4)
-  mem.bank.unpin()  # The manifest's view: the in-memory engine writes the bank itself.
-  mem.inject([worker.NEW_DOC])  # (id, text) pairs work: bank and index both get it.
-  assert worker.NEW_DOC[0] in mem.bank and worker.NEW_DOC[0] in mem.retriever.ids
-  mem.retriever.remove([worker.NEW_DOC[0]])
-  with pytest.raises(KeyError, match=worker.NEW_DOC[0]):
-    mem.remove([worker.NEW_DOC[0]])  # In the bank, not the index: nothing changes.
-  assert worker.NEW_DOC[0] in mem.bank
-
-
 # --- Long documents ----------------------------------------------------------------------
 
 
@@ -414,7 +398,7 @@ LONG = ("Velmora is a harbor city of blue stone. " * 3 + "Its castle has seven o
 
 def test_long_documents_are_chunked_banked_and_mapped_back(wd):
   engine = ReGrad.load(wd, CONFIG)
-  tok, chunking = engine.tokenizer, engine.chunking
+  tok, chunking = engine.model.tokenizer, engine.chunking
   assert chunking.mode == "chunk"
   parts = kb_lib.split_document(tok, "long", LONG, chunking)
   assert len(parts) >= 3 and [p for p, _ in parts] == [f"long#{i}" for i in range(len(parts))]

@@ -1,8 +1,9 @@
 """`ReGrad`: the user-facing query-time object (retrieve -> gather -> adapt -> answer).
 
-  engine = ReGrad.load(workdir, config)
+  engine = ReGrad.load(workdir, config)        # serving: read-only
   results = engine.answer(["Who wrote ...?"], k=3)
   results[0].answer, results[0].doc_ids, results[0].scores
+  engine = ReGrad.from_config(config, workdir, documents=docs)   # the evaluation's
 
 The retriever returns every query's top-k document ids; queries are then batched
 by prompt length (model.sampling.generate_batched) and for each batch the bank
@@ -12,17 +13,18 @@ them, each through its own adapter (online.generate_adapted). In "icl" mode the
 passages are also placed in the prompt (ReGrad + ICL). Nothing is written to the
 base weights or to theta*: answering is reversible by construction.
 
-Knowledge. `load` opens WORKDIR's knowledge base (regrad_jax/kb.py) read-only:
-the catalog's committed documents, their bank rows and the index of exactly
-them; `inject` / `remove` then commit each change durably (bank rows, catalog,
-index), validating everything before the first write. An engine built directly
-from a bank and a retriever (the evaluation's) keeps its changes in memory,
-with the same validation. Long documents are split into passages (`chunking`);
-results name the documents, and `passage_ids` the passages retrieved.
+Knowledge. Every engine stands on a knowledge base (regrad_jax/kb.py), built by
+`from_config` through bank/pipeline.open_knowledge, the sequence the bank build
+shares. `load` opens WORKDIR's read-only: the catalog's committed documents,
+their bank rows and the index of exactly them; `from_config(documents=...)`
+first commits a corpus (the evaluation's). `inject` / `remove` commit each change
+durably (bank rows, catalog, index), validating everything before the first
+write. Long documents are split into passages (`chunking`); results name the
+documents, and `passage_ids` the passages retrieved.
 """
 import dataclasses
-import pathlib
 
+from absl import logging
 import numpy as np
 
 from regrad_jax import kb as kb_lib
@@ -30,8 +32,6 @@ from regrad_jax import prompts as prompts_lib
 from regrad_jax.adapt import online
 from regrad_jax.bank import bank as bank_lib
 from regrad_jax.bank import pipeline
-from regrad_jax.meta import state as state_lib
-from regrad_jax.model import loaders
 from regrad_jax.model import sampling
 
 
@@ -48,51 +48,82 @@ class Result:
 class ReGrad:
   """Answers questions with retrieved gradients (see module docstring).
 
+  Build one with `ReGrad.from_config` (or `ReGrad.load`, read-only).
+
   Attributes:
-    params, model_config, tokenizer: the frozen base model.
-    theta, alpha, lora_config: the meta-learned state.
-    bank: the Gradient Bank; retriever: the document index.
+    model: the frozen base model (loaders.Model: params, config, tokenizer).
+    meta: the meta-learned state (meta.state.MetaState: theta, alpha, lora_config).
+    kb: the knowledge base changes are committed to; bank: its Gradient Bank.
+    retriever: the index of the knowledge base's passages.
     texts: id -> text, by passage and by document id (ICL prompts, display).
     computer: computes gradients of injected documents.
-    kb: the knowledge base changes are committed to (None: kept in memory).
-    chunking: how injected long documents are stored (None: truncated to the
-      computer's max_len, one passage per document, as the evaluation banks).
-    config: the config, for rebuilding the index (knowledge-base engines).
+    chunking: how injected long documents are stored.
+    gamma, k, mode, max_new_tokens, batch_size: serving defaults (config.adapt).
+    icl_max_tokens: tokens of each passage an ICL prompt shows (as RAG's:
+      config.data.max_context_len).
+    config: the config, for rebuilding the index.
   """
 
-  def __init__(self, params, model_config, tokenizer, theta, alpha, lora_config,
-               bank, retriever, texts: dict[str, str], computer, *, gamma=1.0,
-               k=3, mode="blind", max_new_tokens=20, batch_size=16, kb=None,
-               chunking: kb_lib.Chunking | None = None, config=None):
-    self.params, self.model_config, self.tokenizer = params, model_config, tokenizer
-    self.theta, self.alpha, self.lora_config = theta, alpha, lora_config
-    self.bank, self.retriever, self.texts, self.computer = bank, retriever, texts, computer
-    self.gamma, self.k, self.mode = float(gamma), int(k), mode
-    self.max_new_tokens, self.batch_size = int(max_new_tokens), int(batch_size)
-    self.kb, self.config = kb, config
-    self.chunking = chunking or kb_lib.Chunking(mode="truncate", max_len=computer.max_len)
-    self.doc_of = kb.doc_of() if kb is not None else {}  # Passage id -> document id.
+  def __init__(self, model, meta, kb: kb_lib.KnowledgeBase, computer, config, *,
+               retriever=None, chunking: kb_lib.Chunking | None = None):
+    self.model, self.meta, self.kb, self.computer = model, meta, kb, computer
+    self.config = config
+    a = config.adapt
+    self.gamma, self.k, self.mode = float(a.gamma), int(a.k), a.mode
+    self.max_new_tokens, self.batch_size = int(a.max_new_tokens), int(a.batch_size)
+    self.icl_max_tokens = int(config.data.max_context_len)
+    self.chunking = chunking or kb_lib.Chunking.from_config(config)
+    self.retriever = kb.retriever(config) if retriever is None else retriever
+    self.texts, self.doc_of = kb.texts(), kb.doc_of()  # doc_of: passage -> document.
     # {passage id: text sha} the index holds: in line with the catalog when loaded.
-    self._indexed = kb.stamp()["text_shas"] if kb is not None else None
+    self._indexed = kb.stamp()["text_shas"]
+
+  @classmethod
+  def from_config(cls, config, workdir, *, model=None, documents=None,
+                  chunking: kb_lib.Chunking | None = None, kb_dir=None,
+                  progress: bool = False) -> "ReGrad":
+    """The engine a config names, over WORKDIR's meta state and knowledge base.
+
+    Args:
+      workdir: where the meta state is found (config.meta.init_from, else
+        WORKDIR/meta_state) and, unless kb_dir says otherwise, the knowledge base.
+      model: the loaded model (None: loaded from config.model).
+      documents: None opens the knowledge base read-only (it must exist; nothing
+        is created). Otherwise the knowledge base is made to hold exactly these
+        documents (objects with .id and .text): new ones committed (an interrupted
+        build resumes), others removed, and its index saved.
+      chunking: how `documents` and later injections are stored (default
+        config.data.long_documents).
+    Raises:
+      FileNotFoundError: no state or (read-only) no knowledge base, saying what to run.
+      ValueError: the config contradicts the saved state (LoRA config, bank
+        identity), naming the field.
+    """
+    k = pipeline.open_knowledge(config, workdir, model=model, kb_dir=kb_dir,
+                                writer=documents is not None)
+    chunking = chunking or kb_lib.Chunking.from_config(config)
+    if documents is not None:
+      documents = list(documents)
+      report = k.kb.add(documents, k.computer, chunking, progress=progress)
+      extra = sorted(set(k.kb.documents) - {d.id for d in documents})
+      if extra:
+        report.removed = k.kb.remove(extra).removed
+      logging.info("knowledge base %s: %s", k.kb.workdir, report)
+      retriever = k.kb.retriever(config)
+      k.kb.save_index(retriever)
+      return cls(k.model, k.meta, k.kb, k.computer, config, retriever=retriever,
+                 chunking=chunking)
+    return cls(k.model, k.meta, k.kb, k.computer, config, chunking=chunking)
 
   @classmethod
   def load(cls, workdir, config) -> "ReGrad":
-    """Opens WORKDIR's meta_state and knowledge base with the model named in
-    config. Reads only: a missing or damaged knowledge base is an error saying
-    what to run; a config contradicting the saved state (LoRA config, bank
-    identity) is an error naming the field."""
-    workdir = pathlib.Path(workdir)
-    kb = kb_lib.KnowledgeBase.open(workdir, lock_timeout=config.bank.get("lock_timeout", 0.0))
-    params, model_config, tokenizer = loaders.load_model(config.model)
-    theta, alpha, lcfg = state_lib.load_for(config, workdir, params, tokenizer)
-    kb_lib.check_config(config, model_config, lcfg)
-    computer = pipeline.make_computer(config, params, model_config, tokenizer, theta, lcfg)
-    kb.bank.check(identity=computer.identity, codec=computer.codec)
-    a = config.adapt
-    return cls(params, model_config, tokenizer, theta, alpha, lcfg, kb.bank,
-               kb.retriever(config), kb.texts(), computer, gamma=a.gamma, k=a.k,
-               mode=a.mode, max_new_tokens=a.max_new_tokens, batch_size=a.batch_size,
-               kb=kb, chunking=kb_lib.Chunking.from_config(config), config=config)
+    """`from_config` read-only: WORKDIR's meta state and knowledge base as they
+    are (a missing or damaged knowledge base is an error saying what to run)."""
+    return cls.from_config(config, workdir)
+
+  @property
+  def bank(self) -> bank_lib.Bank:
+    return self.kb.bank
 
   def answer(self, questions: list[str], k: int | None = None,
              mode: str | None = None, gamma: float | None = None,
@@ -124,23 +155,29 @@ class ReGrad:
                      f"out of sync; rebuild or inject them): {missing[:10]}")
     if not questions:
       return []
-    texts = [prompts_lib.qa_prompt(
-        q, self.tokenizer, [self.texts[i] for i in row] if mode == "icl" else None)
-             for q, row in zip(questions, ids)]
+    tok, m = self.model.tokenizer, self.meta
+    texts = self.prompts(questions, ids, mode)
 
     def run(tokens, mask, rows):  # Each query through its own adapter.
       grad_sums = self.bank.gather_sum([ids[r] for r in rows])
       return online.generate_adapted(
-          self.params, self.theta, self.alpha, grad_sums, tokens, mask,
-          np.float32(gamma), config=self.model_config, lora_config=self.lora_config,
+          self.model.params, m.theta, m.alpha, grad_sums, tokens, mask,
+          np.float32(gamma), config=self.model.config, lora_config=m.lora_config,
           max_new_tokens=self.max_new_tokens)
 
     new = sampling.generate_batched(
-        sampling.prompt_ids(self.tokenizer, texts), run, pad_id=self.tokenizer.pad_id,
+        sampling.prompt_ids(tok, texts), run, pad_id=tok.pad_id,
         batch_size=self.batch_size, desc="answer", progress=progress)
-    return [self._result(q, prompts_lib.extract_answer(self.tokenizer, self.tokenizer.decode(row)),
-                         i, sc)
+    return [self._result(q, prompts_lib.extract_answer(tok, tok.decode(row)), i, sc)
             for q, row, i, sc in zip(questions, new, ids, scores)]
+
+  def prompts(self, questions, ids, mode: str) -> list[str]:
+    """The QA prompt of each question; in "icl" mode with its retrieved passages
+    (ids: per question), each cut to icl_max_tokens tokens as RAG cuts them."""
+    tok = self.model.tokenizer
+    cut = lambda i: prompts_lib.truncate_text(tok, self.texts[i], self.icl_max_tokens)
+    return [prompts_lib.qa_prompt(q, tok, [cut(i) for i in row] if mode == "icl" else None)
+            for q, row in zip(questions, ids)]
 
   def _result(self, question, answer, passage_ids, scores) -> Result:
     """Maps retrieved passages back to their documents (best passage each)."""
@@ -150,7 +187,8 @@ class ReGrad:
     return Result(question, answer, tuple(docs), tuple(docs.values()), tuple(passage_ids))
 
   def inject(self, documents, progress: bool = False):
-    """Adds new documents: their gradients to the bank, their text to the index.
+    """Adds new documents: their gradients to the bank, their text to the index,
+    committed to the knowledge base.
 
     The weights are untouched: injection is a bank append, reversible by `remove`.
     Everything is validated first (ValueError / TypeError naming the document:
@@ -158,71 +196,27 @@ class ReGrad:
     A long document becomes passages "<id>#0", ... (`chunking`). Returns the
     bank's BuildReport (refused: {passage id: why}, never committed).
     """
-    pairs = bank_lib.validate_documents(documents)
-    if self.kb is not None:
-      report = self.kb.add(pairs, self.computer, self.chunking, new_only=True,
-                           progress=progress)
-      self._follow_kb()
-      return report.bank or bank_lib.BuildReport()
-    known = set(self.doc_of.values()) | set(self.bank.ids)
-    present = [i for i, _ in pairs if i in known]
-    if present:
-      raise ValueError(f"documents already in the bank (remove them first): {present[:10]}")
-    passages = {pid: (doc_id, t) for doc_id, text in pairs
-                for pid, t in kb_lib.split_document(self.tokenizer, doc_id, text, self.chunking)}
-    report = self.bank.append([(pid, t) for pid, (_, t) in passages.items()], self.computer,
-                              progress=progress)
-    refused = {passages[pid][0] for pid in report.refused}
-    kept = [(pid, d, t) for pid, (d, t) in passages.items() if d not in refused]
-    try:
-      self.retriever.add([_Doc(pid, t) for pid, _, t in kept])
-    except Exception:  # All or nothing: the bank rows go too.
-      self.bank.delete([pid for pid, _, _ in kept if pid in self.bank])
-      raise
-    dropped = [pid for pid, (d, _) in passages.items() if d in refused and pid in self.bank]
-    if dropped:  # A document is banked whole or not at all.
-      self.bank.delete(dropped)
-    self.texts.update({pid: t for pid, _, t in kept})
-    self.texts.update({d: t for d, t in pairs if d not in refused})
-    self.doc_of.update({pid: d for pid, d, _ in kept})
-    return report
+    report = self.kb.add(documents, self.computer, self.chunking, new_only=True,
+                         progress=progress)
+    self._follow_kb()
+    return report.bank or bank_lib.BuildReport()
 
   def remove(self, ids: list[str]) -> None:
     """Withdraws documents (e.g. a recalled product): bank rows and index entries
     of all their passages. KeyError naming unknown ids, before any change."""
     if isinstance(ids, str) or not all(isinstance(i, str) for i in ids):
       raise TypeError("remove expects a list of str document ids")
-    if self.kb is not None:
-      self.kb.remove(ids)
-      self._follow_kb()
-      return
-    owned = {i: [p for p, d in self.doc_of.items() if d == i] or [i] for i in ids}
-    indexed = set(self.retriever.ids)
-    unknown = [i for i, ps in owned.items()
-               if not all(p in self.bank and p in indexed for p in ps)]
-    if unknown:
-      raise KeyError(f"documents not in both the bank and the index: {unknown[:10]}")
-    pids = [p for ps in owned.values() for p in ps]
-    self.bank.delete(pids)
-    self.retriever.remove(pids)
-    for i in pids + list(ids):
-      self.texts.pop(i, None)
-      self.doc_of.pop(i, None)
+    self.kb.remove(ids)
+    self._follow_kb()
 
   def _follow_kb(self) -> None:
     """After a knowledge-base commit: the index follows the catalog (updated in
     memory, then saved stamped with it), and so do texts and passage owners."""
     kb = self.kb
-    if self.retriever is None:
+    if self.retriever is None:  # The knowledge base was empty.
       self.retriever = kb.retriever(self.config)
     else:
       self.retriever = kb.sync(self.retriever, self._indexed)
     kb.save_index(self.retriever)
     self._indexed = kb.stamp()["text_shas"]
     self.texts, self.doc_of = kb.texts(), kb.doc_of()
-
-
-@dataclasses.dataclass(frozen=True)
-class _Doc:
-  id: str
-  text: str

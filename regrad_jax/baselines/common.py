@@ -61,11 +61,6 @@ def qa_prompt_ids(tokenizer, questions: Sequence[str],
           for i, q in enumerate(questions)]
 
 
-def prompt_texts(tokenizer, documents, max_tokens: int) -> dict[str, str]:
-  """id -> the document's text as placed in prompts (`prompts.truncate_text`)."""
-  return {d.id: prompts.truncate_text(tokenizer, d.text, max_tokens) for d in documents}
-
-
 def generate_answers(params: dict, prompt_ids: Sequence[Sequence[int]], tokenizer, *,
                      config: ModelConfig, batch_size: int, max_new_tokens: int,
                      buckets=sampling.PROMPT_BUCKETS, lora: dict | None = None,

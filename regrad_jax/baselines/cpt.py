@@ -94,7 +94,7 @@ class CPT:
   """Continual post-training on a stream of documents.
 
   Args:
-    params, model_cfg, tokenizer: the base model. `params` is copied, never
+    model: the base model (loaders.Model). `params` is copied, never
       modified (the jitted step donates its own copy).
     config: reads eval.cpt_lr (cpt_lora_lr), cpt_epochs, cpt_batch_size,
       cpt_weight_decay, cpt_clip_norm; data.max_context_len, data.doc_buckets;
@@ -106,11 +106,10 @@ class CPT:
     history: (step, loss) of every step.
   """
 
-  def __init__(self, params: dict, model_cfg, tokenizer, config, *,
-               lora: bool = False):
+  def __init__(self, model, config, *, lora: bool = False):
     ec = config.eval
-    self.model_cfg, self.tokenizer = model_cfg, tokenizer
-    self.base = params
+    params, model_cfg, self.tokenizer = model
+    self.base, self.model_cfg = params, model_cfg
     self.use_lora = bool(lora)
     self.name = "cpt_lora" if self.use_lora else "cpt"
     self.epochs = int(ec.cpt_epochs)

@@ -12,14 +12,14 @@ class Direct:
   """Closed-book answers with the base weights.
 
   Args:
-    params, model_cfg, tokenizer: the base model (never modified).
+    model: the base model (loaders.Model) (never modified).
     config: the full config; reads adapt.batch_size and adapt.max_new_tokens.
   """
   name = "direct"
   lora, lora_config = None, None  # The base weights (FineTunedDirect: a LoRA).
 
-  def __init__(self, params: dict, model_cfg, tokenizer, config):
-    self.params, self.model_cfg, self.tokenizer = params, model_cfg, tokenizer
+  def __init__(self, model, config):
+    self.params, self.model_cfg, self.tokenizer = model
     self.batch_size = int(config.adapt.batch_size)
     self.max_new_tokens = int(config.adapt.max_new_tokens)
 

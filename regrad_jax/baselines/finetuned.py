@@ -80,7 +80,7 @@ def ft_loss(lora, params, tokens, mask, target, *, config, lora_config):
                                      lora_config=lora_config))
 
 
-def train_adapter(config, params, model_cfg, tokenizer, method: str
+def train_adapter(config, model, method: str
                   ) -> tuple[dict, lora_lib.LoraConfig, list[float]]:
   """Trains the rag_ft / direct_ft LoRA -> (lora, its LoraConfig, loss per step).
 
@@ -91,6 +91,7 @@ def train_adapter(config, params, model_cfg, tokenizer, method: str
   if method not in MODES:
     raise ValueError(f"no fine-tuned baseline {method!r}; choose from {list(MODES)}")
   mode, dc = MODES[method], config.data
+  params, model_cfg, tokenizer = model
   docs, _ = data_lib.load_split(config, "train")
   records = training_records(config)
   order = task_order(config, len(records))
@@ -135,7 +136,7 @@ def save_adapter(path, lora: dict, lcfg: lora_lib.LoraConfig, info: dict) -> Non
   state_lib.save_tree(path, {"lora": lora}, {**info, "lora": state_lib.lora_info(lcfg)})
 
 
-def load_adapter(path, params, tokenizer, method: str | None = None
+def load_adapter(path, model, method: str | None = None
                  ) -> tuple[dict, lora_lib.LoraConfig, dict]:
   """(lora, LoraConfig, info) of a saved adapter for this model.
 
@@ -145,17 +146,18 @@ def load_adapter(path, params, tokenizer, method: str | None = None
       method other than `method` (when given).
   """
   tree, info = state_lib.load_tree(
-      pathlib.Path(path).expanduser(), expect_base=fingerprint.tree_fingerprint(params),
-      expect_tokenizer=tokenizer.fingerprint(), what="fine-tuned adapter")
+      pathlib.Path(path).expanduser(),
+      expect_base=fingerprint.tree_fingerprint(model.params),
+      expect_tokenizer=model.tokenizer.fingerprint(), what="fine-tuned adapter")
   if method is not None and info.get("method") != method:
     raise ValueError(f"the adapter at {path} is for {info.get('method')!r}, not {method!r}")
   return tree["lora"], state_lib.lora_config_from_info(info), info
 
 
-def train_and_save(config, path, params, model_cfg, tokenizer, method: str) -> dict:
+def train_and_save(config, path, model, method: str) -> dict:
   """Trains the `method` adapter and saves it at `path`; returns its info."""
   t0 = time.perf_counter()
-  lora, lcfg, history = train_adapter(config, params, model_cfg, tokenizer, method)
+  lora, lcfg, history = train_adapter(config, model, method)
   steps, batch = budget(config)
   info = {"method": method, "mode": MODES[method], "k": int(config.meta.k),
           "steps": steps, "batch_size": batch, "tasks": steps * batch,
@@ -163,8 +165,8 @@ def train_and_save(config, path, params, model_cfg, tokenizer, method: str) -> d
           "loss_first": history[0], "loss_last": history[-1],
           "loss_last_10": float(np.mean(history[-10:])),
           "seconds": round(time.perf_counter() - t0, 1),
-          "base_fingerprint": fingerprint.tree_fingerprint(params),
-          "tokenizer_fingerprint": tokenizer.fingerprint(),
+          "base_fingerprint": fingerprint.tree_fingerprint(model.params),
+          "tokenizer_fingerprint": model.tokenizer.fingerprint(),
           "config": json.loads(config.to_json_best_effort())}
   save_adapter(path, lora, lcfg, info)
   if jax.process_index() == 0:
@@ -174,8 +176,7 @@ def train_and_save(config, path, params, model_cfg, tokenizer, method: str) -> d
   return info
 
 
-def ensure_adapter(config, workdir, params, model_cfg, tokenizer, method: str
-                   ) -> pathlib.Path:
+def ensure_adapter(config, workdir, model, method: str) -> pathlib.Path:
   """The adapter directory of `method`: config.eval.<method>_from if set (used
   as is), else WORKDIR/<method>, trained there first if it does not exist."""
   given = config.eval[f"{method}_from"]
@@ -183,7 +184,7 @@ def ensure_adapter(config, workdir, params, model_cfg, tokenizer, method: str
   if not given and not (path / "info.json").exists():
     logging.info("No %s adapter: training %d steps into %s", method,
                  budget(config)[0], path)
-    train_and_save(config, path, params, model_cfg, tokenizer, method)
+    train_and_save(config, path, model, method)
   return path
 
 
@@ -208,9 +209,9 @@ class FineTunedRAG(_Permanent, RAG):
   """
   name = "rag_ft"
 
-  def __init__(self, params, model_cfg, tokenizer, retriever, documents, config, *,
+  def __init__(self, model, retriever, documents, config, *,
                lora: dict, lora_config: lora_lib.LoraConfig, k: int | None = None):
-    super().__init__(params, model_cfg, tokenizer, retriever, documents, config, k=k)
+    super().__init__(model, retriever, documents, config, k=k)
     self.lora, self.lora_config = jax.tree.map(jnp.asarray, lora), lora_config
 
 
@@ -221,7 +222,7 @@ class FineTunedDirect(_Permanent, Direct):
   """
   name = "direct_ft"
 
-  def __init__(self, params, model_cfg, tokenizer, config, *, lora: dict,
+  def __init__(self, model, config, *, lora: dict,
                lora_config: lora_lib.LoraConfig):
-    super().__init__(params, model_cfg, tokenizer, config)
+    super().__init__(model, config)
     self.lora, self.lora_config = jax.tree.map(jnp.asarray, lora), lora_config

@@ -55,7 +55,7 @@ class ICPT(cpt.CPT):
   """Instruction CPT on a stream of documents (see the module docstring).
 
   Args:
-    params, model_cfg, tokenizer, config, lora: as CPT; also reads
+    model, config, lora: as CPT; also reads
       eval.icpt_qa_per_doc and the meta-state's training questions
       (finetuned.training_records, eval.ft_steps / ft_batch_size budget).
     qa_records: the QA pairs to mix in (default: those training questions).
@@ -63,9 +63,8 @@ class ICPT(cpt.CPT):
     qa_used: QA pairs trained on so far.
   """
 
-  def __init__(self, params: dict, model_cfg, tokenizer, config, *,
-               lora: bool = False, qa_records=None):
-    super().__init__(params, model_cfg, tokenizer, config, lora=lora)
+  def __init__(self, model, config, *, lora: bool = False, qa_records=None):
+    super().__init__(model, config, lora=lora)
     self.name = "icpt_lora" if self.use_lora else "icpt"
     self.qa_per_doc = int(config.eval.icpt_qa_per_doc)
     if self.qa_per_doc < 0:
@@ -76,7 +75,7 @@ class ICPT(cpt.CPT):
       qa_records = [records[i] for i in order]
     if self.qa_per_doc and not qa_records:
       raise ValueError("Instruction CPT has no training QA pairs to mix in")
-    self.qa = qa_items(tokenizer, qa_records)
+    self.qa = qa_items(model.tokenizer, qa_records)
     self.buckets = tuple(sorted(set(config.data.doc_buckets) |
                                 set(config.data.qa_buckets)))
     self.qa_used = 0

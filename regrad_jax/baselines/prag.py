@@ -93,7 +93,7 @@ class PRAG:
   """Per-document LoRAs, merged for the top-K retrieved documents of a query.
 
   Args:
-    params, model_cfg, tokenizer: the base model (never modified).
+    model: the base model (loaders.Model) (never modified).
     retriever: the retrieval.Retriever shared with RAG / ReGrad.
     documents: documents already in the retriever (more through `inject`).
     config: reads eval.prag_rank, prag_alpha, prag_lr, prag_steps,
@@ -105,10 +105,10 @@ class PRAG:
   """
   name = "prag"
 
-  def __init__(self, params: dict, model_cfg, tokenizer, retriever, documents,
-               config, *, k: int | None = None):
+  def __init__(self, model, retriever, documents, config, *, k: int | None = None):
     ec = config.eval
-    self.params, self.model_cfg, self.tokenizer = params, model_cfg, tokenizer
+    self.params, model_cfg, self.tokenizer = model
+    self.model_cfg = model_cfg
     self.retriever = retriever
     self.k = int(config.adapt.k if k is None else k)
     self.rank, self.alpha = int(ec.prag_rank), float(ec.prag_alpha)

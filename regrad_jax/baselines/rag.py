@@ -15,7 +15,7 @@ class RAG:
   """Retrieve-then-read with the base weights.
 
   Args:
-    params, model_cfg, tokenizer: the base model (never modified).
+    model: the base model (loaders.Model) (never modified).
     retriever: a retrieval.Retriever (`search(questions, k)` -> ids, scores;
       `add(documents)`; `ids`), possibly shared with the ReGrad engine.
     documents: the documents already in the retriever (their text is needed
@@ -26,9 +26,8 @@ class RAG:
   name = "rag"
   lora, lora_config = None, None  # The base weights (FineTunedRAG: a LoRA).
 
-  def __init__(self, params: dict, model_cfg, tokenizer, retriever, documents,
-               config, *, k: int | None = None):
-    self.params, self.model_cfg, self.tokenizer = params, model_cfg, tokenizer
+  def __init__(self, model, retriever, documents, config, *, k: int | None = None):
+    self.params, self.model_cfg, self.tokenizer = model
     self.retriever = retriever
     self.k = int(config.adapt.k if k is None else k)
     self.batch_size = int(config.adapt.batch_size)

@@ -7,10 +7,8 @@ sends the engine only documents its bank does not hold yet, so a shared engine
 computes each gradient once.
 
 ReGrad + ICL places the retrieved passages in the prompt exactly as RAG does:
-each cut to config.data.max_context_len tokens (prompts.truncate_text). The
-engine's `texts` (what its ICL prompts show) are set to those cut texts for every
-injected document; whole cpkc passages would make three-passage prompts of
-1,000-4,000 tokens.
+each cut to config.data.max_context_len tokens (the engine's icl_max_tokens);
+whole cpkc passages would make three-passage prompts of 1,000-4,000 tokens.
 
 Generic queries are answered by the base weights: theta_q = theta* - gamma
 alpha (.) sum_k g_k lives only inside the call that answers a query, and
@@ -18,35 +16,29 @@ injection writes to the bank and the index, never to the weights.
 """
 from typing import Sequence
 
-from regrad_jax.baselines import common
-
 
 class ReGradMethod:
   """Method protocol around an `adapt.ReGrad` engine.
 
   Args:
     engine: the engine (`answer(questions, k, mode)`, `inject(documents)`,
-      `.params`, `.bank`).
+      `.model`, `.bank`).
     mode: "blind" or "icl".
     k: documents retrieved per question.
-    max_context_len: tokens of each passage an ICL prompt shows.
   """
 
-  def __init__(self, engine, *, mode: str = "blind", k: int = 3,
-               max_context_len: int = 128):
+  def __init__(self, engine, *, mode: str = "blind", k: int = 3):
     if mode not in ("blind", "icl"):
       raise ValueError(f"ReGrad mode must be 'blind' or 'icl', got {mode!r}")
     self.engine, self.mode, self.k = engine, mode, int(k)
-    self.max_context_len = int(max_context_len)
     self.name = "regrad" if mode == "blind" else "regrad_icl"
     self.last_doc_ids: list[list[str]] = []
 
   def inject(self, documents: Sequence) -> None:
-    new = [d for d in documents if d.id not in self.engine.bank]
+    known = self.engine.kb.documents
+    new = [d for d in documents if d.id not in known]
     if new:
       self.engine.inject(new)
-      self.engine.texts.update(common.prompt_texts(self.engine.tokenizer, new,
-                                                   self.max_context_len))
 
   def answer(self, questions: Sequence[str]) -> list[str]:
     results = self.engine.answer(list(questions), k=self.k, mode=self.mode)
@@ -54,4 +46,4 @@ class ReGradMethod:
     return [r.answer.strip() for r in results]
 
   def generic_params(self) -> dict:
-    return self.engine.params
+    return self.engine.model.params

@@ -260,11 +260,12 @@ class DriftMeter:
     self._base_figures = None
 
   @classmethod
-  def from_config(cls, config, base_params: dict, tokenizer, model_cfg: ModelConfig,
-                  corpus_ids=()) -> "DriftMeter":
-    """Sizes from config.eval; probe shapes as the answering methods' (adapt.
+  def from_config(cls, config, model, corpus_ids=()) -> "DriftMeter":
+    """The meter of `model` (loaders.Model: its params are the base weights).
+
+    Sizes from config.eval; probe shapes as the answering methods' (adapt.
     batch_size rows, sampling.PROMPT_BUCKETS); see `load_drift_data`."""
-    return cls(base_params, tokenizer, model_cfg,
+    return cls(model.params, model.tokenizer, model.config,
                load_drift_data(config, corpus_ids=corpus_ids),
                window=int(config.eval.ppl_window),
                batch_size=int(config.eval.batch_size),

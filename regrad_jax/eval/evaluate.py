@@ -2,15 +2,18 @@
 
   results = evaluate.run(config, workdir)     # what `launch.evaluate` calls
 
-1. The model (config.model), the first config.eval.num_questions questions of
-   config.eval.split, and their knowledge base: the questions' own passages plus
-   config.data.num_distractors distractor documents (`eval_corpus`).
+1. The model (config.model), config.eval.num_questions questions of
+   config.eval.split from config.eval.first_question on, and their knowledge base:
+   the questions' own passages plus config.data.num_distractors distractor
+   documents (`eval_corpus`).
 2. The meta-learned state theta*, alpha (`ensure_meta_state`): config.meta.init_from
    if set, else WORKDIR/meta_state, else a meta-training run into WORKDIR (short
    for the tiny and quickstart configs). Its base-model and tokenizer fingerprints
    must match the model (meta.state.load_for checks them).
-3. The ReGrad engine over the knowledge base (`build_engine`): a Gradient Bank at
-   theta* (WORKDIR/bank, resumable) and the retriever (WORKDIR/index).
+3. The ReGrad engine over the knowledge base (`build_engine`): WORKDIR's knowledge
+   base (regrad_jax/kb.py) made to hold exactly the corpus: its Gradient Bank at
+   theta* (WORKDIR/bank, resumable), catalog and index (WORKDIR/index), which
+   launch.answer then serves.
 4. Each method of config.eval.methods takes in the knowledge base (CPT and
    Instruction CPT train on it, the retrieval methods index it), answers the
    questions (greedy, EM / F1 / acc against the gold answers) and has its drift
@@ -31,13 +34,11 @@ from absl import logging
 from tqdm import tqdm
 
 from regrad_jax import adapt
-from regrad_jax import bank as bank_lib
-from regrad_jax.bank import pipeline as bank_pipeline
 from regrad_jax import baselines
 from regrad_jax.baselines import finetuned
 from regrad_jax import data as data_lib
+from regrad_jax import kb as kb_lib
 from regrad_jax import parallel
-from regrad_jax import retrieval
 from regrad_jax.eval import drift as drift_lib
 from regrad_jax.eval import metrics
 from regrad_jax.eval import report
@@ -53,13 +54,17 @@ RETRIEVAL_METHODS = ("rag", "rag_ft", "prag", "regrad", "regrad_icl")
 
 
 def select_records(config, split: str | None = None):
-  """(split documents, the first config.eval.num_questions records; -1 = all)."""
+  """(split documents, config.eval.num_questions records (-1 = all) from
+  config.eval.first_question on)."""
   split = split or config.eval.split
   docs, records = data_lib.load_split(config, split)
-  n = int(config.eval.num_questions)
+  n, first = int(config.eval.num_questions), int(config.eval.get("first_question", 0))
   if n == 0 or n < -1:
     raise ValueError(f"config.eval.num_questions must be -1 or > 0, got {n}")
-  records = records if n == -1 else records[:n]
+  if not 0 <= first < len(records):
+    raise ValueError(f"config.eval.first_question={first} must be in [0, {len(records)}) "
+                     f"(questions in split {split!r})")
+  records = records[first:] if n == -1 else records[first:first + n]
   if not records:
     raise ValueError(f"split {split!r} of {config.data.name!r} has no questions")
   return docs, records
@@ -105,81 +110,57 @@ def ensure_meta_state(config, workdir) -> pathlib.Path:
   return meta_state.state_dir(config, workdir)
 
 
-def build_engine(config, workdir, params, model_cfg, tokenizer, documents, *,
-                 bank_dir, index_dir=None) -> adapt.ReGrad:
-  """A ReGrad engine whose bank and index hold exactly `documents`.
+def build_engine(config, workdir, model, documents, *, kb_dir=None) -> adapt.ReGrad:
+  """A ReGrad engine whose knowledge base holds exactly `documents`.
 
-  Args:
-    workdir: where the meta state is found (see `ensure_meta_state`).
-    documents: the knowledge base (objects with .id and .text).
-    bank_dir: the bank directory; created, resumed or extended (documents
-      already there are not recomputed; other rows it may hold are never
-      retrieved, since the index holds only `documents`).
-    index_dir: where to save the index (None: not saved).
+  `adapt.ReGrad.from_config` with the documents: committed to the knowledge base
+  in kb_dir (default WORKDIR; created or resumed, documents already there not
+  recomputed, others removed), stored as config.eval.long_documents says
+  ("truncate": one passage per document, cut to the banked length, the protocol
+  the meta-state was trained with and RAG reads). The meta state is found in
+  WORKDIR (see `ensure_meta_state`).
   """
-  theta, alpha, lora_cfg = meta_state.load_for(config, workdir, params, tokenizer)
-  computer = bank_pipeline.make_computer(config, params, model_cfg, tokenizer, theta,
-                                         lora_cfg)
-  bank = bank_lib.Bank.open_for(bank_dir, computer,
-                                rows_per_chunk=config.bank.rows_per_chunk)
-  built = bank.build(documents, computer, progress=True)
-  logging.info("bank %s: %s", bank_dir, built)
-  retriever = retrieval.Retriever.build(config, documents)
-  if index_dir is not None:
-    retriever.save(index_dir)
-  a = config.adapt
-  # ICL prompts show each passage cut like RAG's (baselines/regrad.py).
-  texts = baselines.common.prompt_texts(tokenizer, documents,
-                                        config.data.max_context_len)
-  return adapt.ReGrad(params, model_cfg, tokenizer, theta, alpha, lora_cfg, bank,
-                      retriever, texts, computer,
-                      gamma=a.gamma, k=a.k, mode=a.mode,
-                      max_new_tokens=a.max_new_tokens, batch_size=a.batch_size)
+  chunking = kb_lib.Chunking.from_config(config, mode=config.eval.long_documents)
+  return adapt.ReGrad.from_config(config, workdir, model=model, documents=documents,
+                                  chunking=chunking, kb_dir=kb_dir, progress=True)
 
 
-def fine_tuned_adapter(config, workdir, params, model_cfg, tokenizer, name: str):
+def fine_tuned_adapter(config, workdir, model, name: str):
   """(lora, LoraConfig) of rag_ft / direct_ft: config.eval.<name>_from, else
   WORKDIR/<name>, trained there first when absent (baselines/finetuned.py)."""
   if workdir is None:
     raise ValueError(f"method {name!r} needs a workdir (its adapter)")
-  path = finetuned.ensure_adapter(config, workdir, params, model_cfg, tokenizer, name)
-  lora, lcfg, _ = finetuned.load_adapter(path, params, tokenizer, method=name)
+  path = finetuned.ensure_adapter(config, workdir, model, name)
+  lora, lcfg, _ = finetuned.load_adapter(path, model, method=name)
   return {"lora": lora, "lora_config": lcfg}
 
 
-def make_method(name: str, *, config, params, model_cfg, tokenizer, engine=None,
-                documents=(), workdir=None):
+def make_method(name: str, *, config, model, engine=None, documents=(), workdir=None):
   """The method called `name` (see METHODS) on the shared model and engine.
 
   workdir: where rag_ft / direct_ft find (or train) their adapters.
   """
   if name == "direct":
-    return baselines.Direct(params, model_cfg, tokenizer, config)
+    return baselines.Direct(model, config)
   if name == "direct_ft":
-    return baselines.FineTunedDirect(params, model_cfg, tokenizer, config,
-                                     **fine_tuned_adapter(config, workdir, params,
-                                                          model_cfg, tokenizer, name))
+    return baselines.FineTunedDirect(model, config,
+                                     **fine_tuned_adapter(config, workdir, model, name))
   if name in ("cpt", "cpt_lora"):
-    return baselines.CPT(params, model_cfg, tokenizer, config, lora=name == "cpt_lora")
+    return baselines.CPT(model, config, lora=name == "cpt_lora")
   if name in ("icpt", "icpt_lora"):
-    return baselines.ICPT(params, model_cfg, tokenizer, config, lora=name == "icpt_lora")
+    return baselines.ICPT(model, config, lora=name == "icpt_lora")
   if name in RETRIEVAL_METHODS and engine is None:
     raise ValueError(f"method {name!r} needs the ReGrad engine's retriever")
   if name == "rag":
-    return baselines.RAG(params, model_cfg, tokenizer, engine.retriever, documents,
-                         config)
+    return baselines.RAG(model, engine.retriever, documents, config)
   if name == "rag_ft":
-    return baselines.FineTunedRAG(params, model_cfg, tokenizer, engine.retriever,
-                                  documents, config,
-                                  **fine_tuned_adapter(config, workdir, params,
-                                                       model_cfg, tokenizer, name))
+    return baselines.FineTunedRAG(model, engine.retriever, documents, config,
+                                  **fine_tuned_adapter(config, workdir, model, name))
   if name == "prag":
-    return baselines.PRAG(params, model_cfg, tokenizer, engine.retriever, documents,
-                          config)
+    return baselines.PRAG(model, engine.retriever, documents, config)
   if name in ("regrad", "regrad_icl"):
     return baselines.ReGradMethod(engine, mode="blind" if name == "regrad" else "icl",
-                                  k=config.adapt.k,
-                                  max_context_len=config.data.max_context_len)
+                                  k=config.adapt.k)
   raise ValueError(f"unknown method {name!r}; choose from {METHODS}")
 
 
@@ -220,7 +201,7 @@ def run(config, workdir) -> dict:
   workdir = pathlib.Path(workdir).absolute()
   workdir.mkdir(parents=True, exist_ok=True)
   names = check_methods(config.eval.methods)
-  params, model_cfg, tokenizer = loaders.load_model(config.model)
+  model = loaders.load_model(config.model)
   split_docs, records = select_records(config)
   corpus = eval_corpus(config, split_docs, records)
   tqdm.write(f"{len(records)} questions of {config.data.name}/{config.eval.split}, "
@@ -234,20 +215,17 @@ def run(config, workdir) -> dict:
     meta_info = {k: info.get(k) for k in ("step", "dev", "mode", "alpha_mode")}
     timing["meta_state"] = round(time.perf_counter() - t0, 1)
     t0 = time.perf_counter()
-    engine = build_engine(config, workdir, params, model_cfg, tokenizer, corpus,
-                          bank_dir=workdir / "bank", index_dir=workdir / "index")
+    engine = build_engine(config, workdir, model, corpus)
     timing["bank_and_index"] = round(time.perf_counter() - t0, 1)
 
-  meter = drift_lib.DriftMeter.from_config(config, params, tokenizer, model_cfg,
-                                          corpus_ids=[d.id for d in corpus])
+  meter = drift_lib.DriftMeter.from_config(config, model, corpus_ids=[d.id for d in corpus])
   results, predictions = {}, []
   bar = tqdm(names, desc="methods")
   for name in bar:
     bar.set_description(f"method {name}")
     t0 = time.perf_counter()
-    method = make_method(name, config=config, params=params, model_cfg=model_cfg,
-                         tokenizer=tokenizer, engine=engine, documents=corpus,
-                         workdir=workdir)
+    method = make_method(name, config=config, model=model, engine=engine,
+                         documents=corpus, workdir=workdir)
     method.inject(corpus)
     qa, rows = score(method, records)
     figures = {**qa, **meter.measure(method.generic_params())}
@@ -267,6 +245,7 @@ def run(config, workdir) -> dict:
       "setting": {
           "model": config.model.source, "data": config.data.name,
           "split": config.eval.split, "num_questions": len(records),
+          "first_question": int(config.eval.get("first_question", 0)),
           "num_documents": len(corpus), "k": int(config.adapt.k),
           "meta_state": None if meta_path is None else str(meta_path),
           "meta_state_info": meta_info, "devices": jax.device_count(),

@@ -17,7 +17,8 @@ measured (eval/drift.py):
 
 The bank and index start with the distractors (config.data.num_distractors) and
 the first increment; later increments are appended through the engine's
-`inject`. WORKDIR/injection/bank is rebuilt on every run. Outputs in WORKDIR/injection/: curve.json ({"docs": [...], "methods":
+`inject`. The knowledge base WORKDIR/injection/{bank,kb.sqlite,index} is rebuilt
+on every run. Outputs in WORKDIR/injection/: curve.json ({"docs": [...], "methods":
 {name: [figures per increment]}}), table.md and curve.png (F1 and drift against
 documents injected).
 """
@@ -30,6 +31,7 @@ from absl import logging
 from tqdm import tqdm
 
 from regrad_jax import data as data_lib
+from regrad_jax import kb as kb_lib
 from regrad_jax import parallel
 from regrad_jax.eval import drift as drift_lib
 from regrad_jax.eval import evaluate
@@ -75,7 +77,7 @@ def run(config, workdir) -> dict:
   # Retrieval views of the engine inject first: RAG / PRAG then find the shared
   # index already extended and only record the texts.
   names = tuple(sorted(names, key=lambda n: n not in ("regrad", "regrad_icl")))
-  params, model_cfg, tokenizer = loaders.load_model(config.model)
+  model = loaders.load_model(config.model)
   split_docs, records = data_lib.load_split(config, config.eval.split)
   stream = document_stream(split_docs, records)
   increments = check_increments(config.eval.increments, len(stream))
@@ -87,18 +89,17 @@ def run(config, workdir) -> dict:
   engine = None
   if any(n in evaluate.RETRIEVAL_METHODS for n in names):
     evaluate.ensure_meta_state(config, workdir)
-    # The bank must grow from the first increment: never reuse a previous run's.
-    shutil.rmtree(out_dir / "bank", ignore_errors=True)
-    engine = evaluate.build_engine(
-        config, workdir, params, model_cfg, tokenizer,
-        distractors + stream[:increments[0]], bank_dir=out_dir / "bank")
-  methods = [evaluate.make_method(n, config=config, params=params,
-                                  model_cfg=model_cfg, tokenizer=tokenizer,
-                                  engine=engine, documents=distractors,
-                                  workdir=workdir)
+    # The knowledge base grows from the first increment, at this run's theta*:
+    # never reuse a previous run's.
+    for name in ("bank", "index"):
+      shutil.rmtree(out_dir / name, ignore_errors=True)
+    (out_dir / kb_lib.CATALOG).unlink(missing_ok=True)
+    engine = evaluate.build_engine(config, workdir, model,
+                                   distractors + stream[:increments[0]], kb_dir=out_dir)
+  methods = [evaluate.make_method(n, config=config, model=model, engine=engine,
+                                  documents=distractors, workdir=workdir)
              for n in names]
-  meter = drift_lib.DriftMeter.from_config(config, params, tokenizer, model_cfg,
-                                          corpus_ids=corpus_ids)
+  meter = drift_lib.DriftMeter.from_config(config, model, corpus_ids=corpus_ids)
 
   curve = {"docs": [], "methods": {m.name: [] for m in methods}}
   prev = 0

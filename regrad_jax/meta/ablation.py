@@ -47,8 +47,10 @@ def run(config, workdir, *, num: int = 200, raw_steps=(1e-2, 1e-1),
   The meta-learned state comes from config.meta.init_from or WORKDIR/meta_state.
   Returns {condition: {"em", "f1", "acc", "loss", "n"}}, in the order of the table.
   """
-  params, model_cfg, tokenizer = loaders.load_model(config.model)
-  theta, alpha, lcfg = state_lib.load_for(config, workdir, params, tokenizer)
+  model = loaders.load_model(config.model)
+  params, model_cfg, tokenizer = model
+  meta = state_lib.load_for(config, workdir, model)
+  theta, alpha, lcfg = meta.theta, meta.alpha, meta.lora_config
   fresh = lora_lib.init_lora(jax.random.key(config.seed), model_cfg, lcfg)
   zero = np.float32(0.0)
   kw = dict(k=config.meta.k, max_context_len=config.data.max_context_len,

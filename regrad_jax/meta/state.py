@@ -9,15 +9,36 @@ tokenizer fingerprint differs from the model they run.
 
 `save_tree` / `load_tree` are the same format for any tree of arrays (the
 fine-tuned baselines' adapters, baselines/finetuned.py, are saved with them:
-DIR/arrays holds {"lora": ...}); `save` / `load` are the meta state's view.
+DIR/arrays holds {"lora": ...}); `save` / `load` are the meta state's view, and
+`load_for` gives the `MetaState` checked against the model that will use it.
 """
 import json
 import pathlib
+from typing import Any
 
 import jax
 import numpy as np
+from flax import struct
 
 from regrad_jax.model.lora import LoraConfig
+
+
+@struct.dataclass
+class MetaState:
+  """theta*, alpha and the LoRA layout they belong to, travelling together.
+
+  A pytree (theta and alpha are its leaves; the LoraConfig is static), so it can
+  be passed through jit as one argument.
+
+  Attributes:
+    theta: the LoRA tree {target: {"a": (L', d_in, r), "b": (L', r, d_out)}} over
+      the L' adapted layers.
+    alpha: step sizes: a scalar, or a tree shaped like theta (objective.init_alpha).
+    lora_config: the LoraConfig of theta (rank, scale, layer range, targets).
+  """
+  theta: dict
+  alpha: Any
+  lora_config: LoraConfig = struct.field(pytree_node=False)
 
 
 def save_tree(path, tree: dict, info: dict) -> None:
@@ -106,11 +127,11 @@ def state_dir(config, workdir) -> pathlib.Path:
   return path.expanduser()
 
 
-def load_for(config, workdir, params, tokenizer):
-  """(theta, alpha, LoraConfig) of the state for this model; refuses a state
-  meta-learned on other base weights or another tokenizer."""
+def load_for(config, workdir, model) -> MetaState:
+  """The state `state_dir` names, for this model (a loaders.Model); refuses a
+  state meta-learned on other base weights or another tokenizer."""
   from regrad_jax import fingerprint  # Hashing only when a model is checked.
   theta, alpha, info = load(state_dir(config, workdir),
-                            expect_base=fingerprint.tree_fingerprint(params),
-                            expect_tokenizer=tokenizer.fingerprint())
-  return theta, alpha, lora_config_from_info(info)
+                            expect_base=fingerprint.tree_fingerprint(model.params),
+                            expect_tokenizer=model.tokenizer.fingerprint())
+  return MetaState(theta, alpha, lora_config_from_info(info))

@@ -22,7 +22,6 @@ from absl import logging
 from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
-from regrad_jax import batching
 from regrad_jax import data as data_lib
 from regrad_jax import fingerprint
 from regrad_jax import parallel
@@ -34,6 +33,7 @@ from regrad_jax.meta import tasks as tasks_lib
 from regrad_jax.model import decode
 from regrad_jax.model import lora as lora_lib
 from regrad_jax.model import loaders
+from regrad_jax.model import sampling
 
 
 def make_optimizer(mc, num_steps: int) -> optax.GradientTransformation:
@@ -142,25 +142,34 @@ def task_losses(params, meta, batch, *, config, lora_config):
 def evaluate(params, meta, tasks, tokenizer, *, config, lora_config, data_cfg,
              batch_size=8, max_new_tokens=20) -> dict:
   """EM/F1 (percent) of greedy answers after the task's inner update, and the
-  mean answer loss (nats/token): a finer signal than F1 while answers are wrong."""
-  preds, golds, task_loss = [], [], []
-  for i in range(0, len(tasks), batch_size):
-    chunk = tasks[i:i + batch_size]
-    chunk = chunk + [chunk[-1]] * (batch_size - len(chunk))  # One batch shape.
-    b = tasks_lib.collate(chunk, doc_buckets=data_cfg.doc_buckets,
-                          qa_buckets=data_cfg.qa_buckets, pad_id=tokenizer.pad_id)
-    plen = batching.bucket(max(t.n_prompt for t in chunk), data_cfg.qa_buckets)
-    prompt, pmask = batching.pad([t.qa_ids[:t.n_prompt] for t in chunk], plen,
-                                 tokenizer.pad_id, left=True)
-    out = parallel.to_host(adapted_answers(
+  mean answer loss (nats/token): a finer signal than F1 while answers are wrong.
+
+  Answers are decoded in batches of `batch_size` tasks by
+  sampling.generate_batched (as every other decoder of the package); losses are
+  taken over the same batches in task order, the last one padded by repetition.
+  """
+  collate = lambda rows: tasks_lib.collate(
+      [tasks[r] for r in rows], doc_buckets=data_cfg.doc_buckets,
+      qa_buckets=data_cfg.qa_buckets, pad_id=tokenizer.pad_id)
+
+  def run(prompt, pmask, rows):
+    b = collate(rows)
+    return parallel.to_host(adapted_answers(
         params, meta, b["doc_tokens"], b["doc_mask"], prompt, pmask, config=config,
         lora_config=lora_config, max_new_tokens=max_new_tokens))
-    n = min(batch_size, len(tasks) - i)
-    preds += [prompts.extract_answer(tokenizer, tokenizer.decode(row)) for row in out[:n]]
-    golds += [t.answers for t in chunk[:n]]
+
+  out = sampling.generate_batched([t.qa_ids[:t.n_prompt] for t in tasks], run,
+                                  pad_id=tokenizer.pad_id, batch_size=batch_size,
+                                  buckets=data_cfg.qa_buckets, progress=False)
+  preds = [prompts.extract_answer(tokenizer, tokenizer.decode(row)) for row in out]
+  task_loss = []
+  for i in range(0, len(tasks), batch_size):
+    rows = list(range(i, min(i + batch_size, len(tasks))))
+    rows += [rows[-1]] * (batch_size - len(rows))  # One batch shape.
     task_loss += list(parallel.to_host(task_losses(
-        params, meta, b, config=config, lora_config=lora_config))[:n])
-  return {**metrics.aggregate(preds, golds), "loss": float(np.mean(task_loss))}
+        params, meta, collate(rows), config=config, lora_config=lora_config)))
+  return {**metrics.aggregate(preds, [t.answers for t in tasks]),
+          "loss": float(np.mean(task_loss[:len(tasks)]))}
 
 
 def evaluate_domains(params, meta, dev_tasks: dict, tokenizer, **kw) -> dict:

@@ -14,7 +14,9 @@ rows, as `torch.nn.Linear` does; they are transposed here.
                     dequantized to float32 with `gguf.quants.dequantize`; the
                     tokenizer is rebuilt from the file (gguf_tokenizer.py).
   load_model(cfg)   dispatches on config.model.source ("tiny", "smollm2_135m",
-                    "hf", "gguf").
+                    "hf", "gguf") and returns a `Model`: the three travel
+                    together everywhere (`model.params`, `model.config`,
+                    `model.tokenizer`; it also unpacks as the triple).
 
 Every tensor's shape is checked against the config (jax.eval_shape of
 init_params, so the loader and the model cannot disagree), and a missing,
@@ -24,7 +26,7 @@ import contextlib
 import json
 import pathlib
 import re
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -404,20 +406,33 @@ def load_gguf(path, dtype: str = "float32"
 _init_params = jax.jit(transformer.init_params, static_argnames="config")
 
 
-def load_model(model_cfg) -> tuple[dict, ModelConfig, object]:
+class Model(NamedTuple):
+  """A frozen base model: what every stage reads and none modifies.
+
+  Attributes:
+    params: the Decoder's param tree (float32 arrays, the layout above).
+    config: its ModelConfig (static: shapes, dtype, RoPE).
+    tokenizer: encodes / decodes and formats prompts (its prompt_style).
+  """
+  params: dict
+  config: ModelConfig
+  tokenizer: object
+
+
+def load_model(model_cfg) -> Model:
   """Loads the model a config's `model` section names.
 
   Args:
     model_cfg: config.model: source ("tiny" | "smollm2_135m" | "hf" | "gguf"),
       path (for hf / gguf), dtype (compute dtype), max_seq_len, prompt_style.
   Returns:
-    (params, ModelConfig, tokenizer); the tokenizer carries the prompt style
-    (regrad_jax/prompts.py) so that every formatting call sees it.
+    The Model; its tokenizer carries the prompt style (regrad_jax/prompts.py)
+    so that every formatting call sees it.
   """
   params, config, tokenizer = _load_model(model_cfg)
   tokenizer.prompt_style = model_cfg.get("prompt_style", "auto")
   prompts.style(tokenizer)  # Refuses an unknown style here, once.
-  return params, config, tokenizer
+  return Model(params, config, tokenizer)
 
 
 def _load_model(model_cfg) -> tuple[dict, ModelConfig, object]:
