@@ -25,9 +25,9 @@ from tqdm import tqdm
 from regrad_jax import batching
 from regrad_jax import data as data_lib
 from regrad_jax import fingerprint
+from regrad_jax import metrics
 from regrad_jax import parallel
 from regrad_jax import prompts
-from regrad_jax.eval import metrics
 from regrad_jax.meta import objective
 from regrad_jax.meta import state as state_lib
 from regrad_jax.meta import tasks as tasks_lib
