@@ -38,11 +38,11 @@ from ml_collections import config_flags
 from benchmarks import common
 from regrad_jax import bank as bank_lib
 from regrad_jax import data as data_lib
+from regrad_jax import metrics
 from regrad_jax import parallel
 from regrad_jax import prompts
 from regrad_jax.adapt import online
 from regrad_jax.bank import codecs
-from regrad_jax.eval import metrics
 from regrad_jax.meta import objective
 from regrad_jax.meta import state as state_lib
 from regrad_jax.model import LoraConfig, init_lora, loaders, losses

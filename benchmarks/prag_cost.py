@@ -31,7 +31,7 @@ def main(argv):
   params, model_cfg, tok = loaders.load_model(c.model)
   n, ec = int(c.eval.prag_batch_size), c.eval
   docs, _ = data_lib.load_split(c, "test")
-  ids = cpt.tokenize_documents(tok, [d.text for d in docs[:n]], c.data.max_context_len)
+  ids = cpt.encode_documents(tok, [d.text for d in docs[:n]], c.data.max_context_len)
   tokens, mask = next(cpt.doc_batches(ids, n, c.data.doc_buckets, tok.pad_id))
   lcfg = lora_lib.LoraConfig(rank=int(ec.prag_rank), alpha=float(ec.prag_alpha), start=0,
                              stop=model_cfg.n_layers, targets=prag.TARGETS)

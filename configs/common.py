@@ -36,7 +36,7 @@ def base() -> mlc.ConfigDict:
   c.data = mlc.ConfigDict()
   # "tiny" = built-in synthetic corpus; "cpkc" / "squad" = our JSONL files;
   # popqa | 2wiki | hotpotqa | cwq = public files named below; a "+"-joined
-  # mixture ("cpkc+squad") meta-trains on all and evaluates each (data/__init__.py).
+  # mixture ("cpkc+squad") meta-trains on all and evaluates each (data/loaders.py).
   c.data.name = "tiny"
   c.data.root = ""  # Folder with cpkc/, squad/, wiki_summaries.jsonl ...; "" = auto.
   # Split files under root; "" = the dataset's standard file (data.FILES).

@@ -211,9 +211,8 @@ class KnowledgeBase:
       raise bank_lib.BankMismatchError(
           f"{bank.path} is not the bank {cat.path} was committed for (fingerprint "
           f"{bank.fingerprint}, catalog {cat.bank_fingerprint})")
-    ids = bank._manifest["ids"]  # pylint: disable=protected-access
-    bad = [p.id for p in cat.passages if not 0 <= p.row < len(ids) or ids[p.row] != p.id
-           or bank.row_text_sha(p.row) != p.sha]
+    bad = [p.id for p in cat.passages if not 0 <= p.row < bank.num_rows
+           or bank.row_id(p.row) != p.id or bank.row_text_sha(p.row) != p.sha]
     if bad:
       raise catalog_lib.CatalogDamagedError(
           f"{cat.path} and {bank.path} disagree on the rows of {bad[:10]}; "

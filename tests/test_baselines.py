@@ -7,12 +7,13 @@ import pytest
 from configs import tiny
 from regrad_jax import baselines
 from regrad_jax import data as data_lib
+from regrad_jax import metrics
 from regrad_jax import prompts
 from regrad_jax import retrieval
 from regrad_jax.baselines import finetuned
 from regrad_jax.baselines import icpt as icpt_lib
 from regrad_jax.baselines import prag as prag_lib
-from regrad_jax.eval import drift, metrics
+from regrad_jax.eval import drift
 from regrad_jax.model import loaders, lora as lora_lib
 
 

@@ -17,6 +17,7 @@ import pytest
 
 from configs import common
 from regrad_jax import data
+from regrad_jax.data import loaders
 from regrad_jax.data import prepare
 from regrad_jax.data import records
 from regrad_jax.data import tiny
@@ -230,13 +231,13 @@ def test_resolve_root_order(tmp_path, monkeypatch, data_root):
   monkeypatch.setenv("REGRAD_CACHE", str(cache))
   monkeypatch.delenv("REGRAD_DATA", raising=False)
   sibling = tmp_path / "sibling"
-  monkeypatch.setattr(data, "_SIBLING", sibling)
+  monkeypatch.setattr(loaders, "_SIBLING", sibling)
   calls = []
 
   def fake_prepare(out):
     calls.append(out)
     return out
-  monkeypatch.setattr(data.prepare_lib, "prepare", fake_prepare)
+  monkeypatch.setattr(loaders.prepare_lib, "prepare", fake_prepare)
 
   # 5. Nothing anywhere: prepare into the cache.
   assert data.resolve_root(_config()) == cache / "data" and calls == [cache / "data"]
@@ -275,7 +276,7 @@ def test_load_split_public_format_absolute_path(tmp_path, monkeypatch):
   path = tmp_path / "cwq_dev.json"
   path.write_text(json.dumps([{"ID": "q", "question": "q?", "answers": [{"answer": "a"}]}]))
   # An absolute path needs no data root (resolve_root must not run).
-  monkeypatch.setattr(data, "resolve_root", lambda c: pytest.fail("resolved a root"))
+  monkeypatch.setattr(loaders, "resolve_root", lambda c: pytest.fail("resolved a root"))
   assert data.load_split(_config(name="cwq", dev=str(path)), "dev")[1][0].answers == ("a",)
 
 

@@ -1,7 +1,7 @@
-"""Tests for regrad_jax.eval.metrics against hand-computed values."""
+"""Tests for regrad_jax.metrics against hand-computed values."""
 import pytest
 
-from regrad_jax.eval import metrics
+from regrad_jax import metrics
 
 
 @pytest.mark.parametrize("text, expected", [

@@ -9,6 +9,7 @@ import pytest
 
 from configs import common
 from regrad_jax import retrieval
+from regrad_jax.retrieval import bm25
 from regrad_jax.retrieval import encoder as encoder_lib
 from regrad_jax.retrieval import retriever as retriever_lib
 
@@ -167,6 +168,17 @@ def test_bm25_finds_the_right_document(tmp_path):
   ids, _ = loaded.search(["capital of italy", "city in france", "river africa"], 1)
   assert ids[0] == ["rome"] and ids[1] == ["paris"] and ids[2] != ["nile"]
   assert len(loaded) == 6
+
+
+def test_bm25_neighbours_gold_first_or_top_k():
+  questions, ids, texts = list(_QUESTIONS), list(_DOCS), list(_DOCS.values())
+  top = retrieval.BM25Index().build(ids, texts).search(questions, 3)[0]
+  assert bm25.neighbours(ids, texts, questions, 3) == top  # Rank order.
+  gold = ids[:len(questions)]  # Mostly not the question's best hit.
+  got = bm25.neighbours(ids, texts, questions, 3, gold)
+  assert got == [[g] + [h for h in row if h != g][:2] for g, row in zip(gold, top)]
+  assert all(len(row) == len(set(row)) == 3 for row in got)
+  assert bm25.neighbours(ids, texts, questions, 1, gold) == [[g] for g in gold]
 
 
 # --- Encoder -----------------------------------------------------------------------

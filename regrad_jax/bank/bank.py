@@ -4,7 +4,8 @@ Rows and ids. Every document gradient lives in one row of the bank's arrays (see
 store.py for the layout); rows are only ever appended, never rewritten once
 complete. A row is *pending* (reserved, not yet committed), *complete*, *refused*
 (its gradient was not finite) or *deleted* (tombstoned). The id index maps each id
-to its latest complete, non-deleted row:
+to its latest complete, non-deleted row. That bookkeeping, and the manifest that
+records it, is rows.RowTable; this module reads and writes the arrays around it:
 
   build(docs)    new id -> new row; same id, changed text -> new row (replace);
                  same id and text -> skipped if complete, resumed if pending.
@@ -67,10 +68,10 @@ from regrad_jax import fingerprint
 from regrad_jax import parallel
 from regrad_jax.bank import codecs
 from regrad_jax.bank import compute
+from regrad_jax.bank import rows as rows_lib
 from regrad_jax.bank import store
-
-FORMAT_VERSION = 2  # 2: row checksums and a manifest hash; 1 (no checks) still read.
-MANIFEST = "manifest.json"
+# The manifest's format, name and damage error belong to rows.py; the bank's API.
+from regrad_jax.bank.rows import FORMAT_VERSION, MANIFEST, BankDamagedError
 REPAIR = "python -m launch.check_kb --workdir=WORKDIR --config=CONFIG --repair"
 
 
@@ -78,16 +79,8 @@ class BankMismatchError(ValueError):
   """The bank was built from other weights, theta*, tokenizer, ... or codec."""
 
 
-class BankDamagedError(ValueError):
-  """Stored data does not match its checksum (or is missing)."""
-
-
 # Threads that verify row checksums.
 _POOL = concurrent.futures.ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1))
-
-
-def _manifest_sha(m: dict) -> str:
-  return store.json_sha({k: v for k, v in m.items() if k != "sha256"})
 
 
 @dataclasses.dataclass
@@ -120,20 +113,6 @@ class BuildReport:
 def _barrier(name: str) -> None:
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices(name)
-
-
-def _to_ranges(flags: np.ndarray) -> list[list[int]]:
-  """Bool (n,) -> [[start, stop), ...] runs of True."""
-  padded = np.concatenate([[False], flags.astype(bool), [False]])
-  edges = np.flatnonzero(padded[1:] != padded[:-1])
-  return [[int(a), int(b)] for a, b in zip(edges[::2], edges[1::2])]
-
-
-def _from_ranges(ranges, n: int) -> np.ndarray:
-  flags = np.zeros((n,), bool)
-  for a, b in ranges:
-    flags[a:b] = True
-  return flags
 
 
 def validate_documents(docs) -> list[tuple[str, str]]:
@@ -223,7 +202,8 @@ class Bank:
     self.path = pathlib.Path(path)
     self._arrays = {}
     self._array_rows = -1
-    self._pinned, self._pinned_sums = None, {}
+    self._rows: rows_lib.RowTable | None = None
+    self._markers = []
     self.lock_timeout = 0.0  # Seconds a writer waits for another (0: fails at once).
     self.refresh()
 
@@ -262,18 +242,14 @@ class Bank:
         store.create_array(tmp / "arrays" / leaf / name, (0,) + part.shape, part.dtype,
                            rows_per_chunk, part.zstd)
     ident = identity.to_dict()
-    m = {
-        "format_version": FORMAT_VERSION,
+    m = rows_lib.new_manifest({
         "codec": codec.to_dict(),
         "identity": ident,
         "fingerprint": fingerprint.combine(**{k: str(v) for k, v in ident.items()}),
         "lora_config": _lora_dict(lora_config),
         "leaf_shapes": {k: list(v) for k, v in leaf_shapes.items()},
         "rows_per_chunk": int(rows_per_chunk),
-        "ids": [], "sha": [], "complete": [], "deleted": [], "refused": {},
-        "truncated": [], "checksums": {},
-    }
-    m["sha256"] = _manifest_sha(m)
+    })
     store.write_json_atomic(tmp / MANIFEST, m)
     if path.exists():
       path.rmdir()  # Empty (checked above).
@@ -338,45 +314,14 @@ class Bank:
     if not path.exists():
       raise BankDamagedError(f"gradient bank {self.path} is damaged: {path} is missing")
     m = store.read_json(path)
-    version = m.get("format_version") if isinstance(m, dict) else None
-    if version not in (1, FORMAT_VERSION):
-      raise ValueError(f"{self.path}: bank format {version} is not "
-                       f"supported (expected {FORMAT_VERSION})")
-    if version == FORMAT_VERSION and m.get("sha256") != _manifest_sha(m):
-      raise BankDamagedError(
-          f"{path} was altered (its content does not match its sha256): ids, rows or "
-          "settings cannot be trusted; restore it, or move the bank away and rebuild "
-          "with python -m launch.build_bank")
     markers = store.read_markers(marker_paths)
-    n = len(m["ids"])
-    complete = _from_ranges(m["complete"], n)
-    refused = {int(r): why for r, why in m["refused"].items()}
-    truncated = set(m["truncated"])
-    checksums = {int(r): c for r, c in m.get("checksums", {}).items()}
-    for _, mk in markers:  # Rows >= n belong to a newer manifest: ignored.
-      complete[[r for r in mk["complete"] if r < n]] = True
-      refused.update({int(r): why for r, why in mk["refused"].items() if int(r) < n})
-      truncated.update(r for r in mk["truncated"] if r < n)
-      checksums.update({int(r): c for r, c in mk.get("checksums", {}).items()
-                        if int(r) < n})
-    deleted = set(m["deleted"])
-    by_id, latest, live = collections.defaultdict(list), {}, {}
-    for row, doc_id in enumerate(m["ids"]):
-      by_id[doc_id].append(row)
-      if row in deleted:
-        continue
-      latest[doc_id] = row
-      if complete[row] and row not in refused:
-        live[doc_id] = row
-    self._manifest, self._markers = m, [p for p, _ in markers]
-    self._complete, self._refused = complete, refused
-    self._truncated, self._deleted = truncated, deleted
-    self._checksums = checksums
-    self._by_id, self._latest, self._own_live = by_id, latest, live
-    self._live = live if self._pinned is None else self._pinned
+    self._rows = rows_lib.RowTable(m, [mk for _, mk in markers], bank=self.path,
+                                   pinned=self._rows.pinned if self._rows else None)
+    self._markers = [p for p, _ in markers]
     self.codec = codecs.from_dict(m["codec"])
     self.identity = compute.Identity.from_dict(m["identity"])
     self.leaf_shapes = {k: tuple(v) for k, v in m["leaf_shapes"].items()}
+    n = self._rows.num_rows
     if n > self._array_rows:  # Reopen: rows were appended since.
       self._arrays = {f"{leaf}/{part}": store.open_array(self.path / "arrays" / leaf / part)
                       for leaf, shape in self.leaf_shapes.items()
@@ -387,88 +332,87 @@ class Bank:
     """Serves exactly `rows` {id: row} (a knowledge-base catalog's committed
     state), verified against `checksums` {row: checksum}, whatever later rows the
     manifest holds. BankDamagedError naming the ids whose row is not complete here."""
-    bad = [i for i, r in rows.items() if not (0 <= r < self.num_rows) or not self._complete[r]]
-    if bad:
-      raise BankDamagedError(f"gradient bank {self.path} lacks the committed rows of "
-                             f"{bad[:10]} (rows {[rows[i] for i in bad[:10]]})")
-    self._pinned, self._pinned_sums = dict(rows), dict(checksums)
-    self._live = self._pinned
+    self._rows.pin(rows, checksums)
 
   def unpin(self) -> None:
     """Serves the manifest's own latest rows again."""
-    self._pinned, self._pinned_sums = None, {}
-    self._live = self._own_live
+    self._rows.unpin()
 
   def committed(self, ids) -> dict[str, tuple[int, str | None]]:
     """{id: (row, checksum)} of the bank's own latest complete rows of `ids` (the
     manifest's view, whatever is pinned); ids without one are left out."""
-    return {i: (r, self._checksums.get(r)) for i in ids
-            if (r := self._own_live.get(i)) is not None}
+    return self._rows.committed(ids)
 
   def is_truncated(self, row: int) -> bool:
     """Whether a row's gradient was taken on a text cut to max_len."""
-    return int(row) in self._truncated
+    return int(row) in self._rows.truncated
 
   def stored_checksums(self, rows) -> dict[int, str]:
     """{row: row_checksum} of the bytes stored now (rows with a recorded checksum
     are verified by the read; format-1 rows, which have none, are hashed)."""
     rows = np.unique(np.asarray(rows, np.int64))
     raw = self._read_raw(rows) if len(rows) else {}
-    return {int(r): store.row_checksum(self._manifest["ids"][r], {n: x[j] for n, x in raw.items()})
+    return {int(r): store.row_checksum(self._rows.row_id(r), {n: x[j] for n, x in raw.items()})
             for j, r in enumerate(rows)}
 
   def row_text_sha(self, row: int) -> str:
     """The text hash a row was computed from (compute.text_sha)."""
-    return self._manifest["sha"][row]
+    return self._rows.text_sha(row)
+
+  def row_id(self, row: int) -> str:
+    """The document id a row was reserved for (deleted rows included)."""
+    return self._rows.row_id(row)
 
   @property
   def ids(self) -> list[str]:
     """Ids with a complete gradient, in row order."""
-    return sorted(self._live, key=self._live.get)
+    live = self._rows.live
+    return sorted(live, key=live.get)
 
   def __len__(self) -> int:
-    return len(self._live)
+    return len(self._rows.live)
 
   def __contains__(self, doc_id) -> bool:
-    return doc_id in self._live
+    return doc_id in self._rows.live
 
   @property
   def num_rows(self) -> int:
     """Rows ever reserved (deleted and pending ones included)."""
-    return len(self._manifest["ids"])
+    return self._rows.num_rows
 
   @property
   def fingerprint(self) -> str:
     """One hash of the identity (the parts are in `identity`)."""
-    return self._manifest["fingerprint"]
+    return self._rows.manifest["fingerprint"]
 
   def _lora_config_obj(self):
     from regrad_jax.model.lora import LoraConfig  # pylint: disable=g-import-not-at-top
-    d = self._manifest["lora_config"]
+    d = self._rows.manifest["lora_config"]
     return LoraConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
   @property
   def lora_config(self) -> dict:
     """A copy of the LoRA config fields stored in the manifest (JSON dict)."""
-    return dict(self._manifest["lora_config"])
+    return dict(self._rows.manifest["lora_config"])
 
   @property
   def refused(self) -> dict[str, str]:
     """{id: reason} for ids whose latest row was refused."""
-    return {i: self._refused[r] for i, r in self._latest.items() if r in self._refused}
+    return self._rows.refused_ids()
 
   @property
   def num_truncated(self) -> int:
     """Live documents whose gradient was taken on a truncated text."""
-    return sum(1 for r in self._live.values() if r in self._truncated)
+    return sum(1 for r in self._rows.live.values() if r in self._rows.truncated)
 
   def rows_of(self, ids) -> np.ndarray:
     """Live rows of `ids`; KeyError naming the ids without a complete gradient."""
-    missing = [i for i in ids if i not in self._live]
+    live = self._rows.live
+    missing = [i for i in ids if i not in live]
     if missing:
       more = f" (+{len(missing) - 10} more)" if len(missing) > 10 else ""
       raise KeyError(f"no gradient in bank {self.path} for ids {missing[:10]}{more}")
-    return np.array([self._live[i] for i in ids], np.int64)
+    return np.array([live[i] for i in ids], np.int64)
 
   def size_bytes(self) -> int:
     """Bytes on disk (arrays, manifest, markers)."""
@@ -498,20 +442,19 @@ class Bank:
   def _verify(self, rows: np.ndarray, raw: dict) -> None:
     """Checks each distinct read row against its recorded checksum (rows in
     parallel threads: zlib releases the GIL)."""
+    table = self._rows
 
     def ok(j_r):
       j, r = j_r
-      want = self._pinned_sums.get(r) if self._pinned is not None else None
-      want = want or self._checksums.get(r)
+      want = table.expected_checksum(r)
       if want is None:  # A format-1 bank: rows carry no checksum.
         return True
-      return store.row_checksum(self._manifest["ids"][r],
-                                {n: x[j] for n, x in raw.items()}) == want
+      return store.row_checksum(table.row_id(r), {n: x[j] for n, x in raw.items()}) == want
     rows = rows.tolist()
     bad = [r for r, good in zip(rows, _POOL.map(ok, enumerate(rows))) if not good]
     if bad:
       raise BankDamagedError(f"gradient bank {self.path}: rows {bad[:10]} (ids "
-                             f"{[self._manifest['ids'][r] for r in bad[:10]]}) do not match "
+                             f"{[table.row_id(r) for r in bad[:10]]}) do not match "
                              f"their checksums; repair: {REPAIR}")
 
   def read_rows(self, rows) -> dict[str, np.ndarray]:
@@ -586,7 +529,7 @@ class Bank:
     """
     pairs = validate_documents(docs)
     self.refresh()
-    present = [i for i, _ in pairs if i in self._live]
+    present = [i for i, _ in pairs if i in self._rows.live]
     if present:
       raise ValueError(f"ids already in the bank (use replace): {present[:10]}")
     return self._run(pairs, computer, force=False, **kw)
@@ -595,7 +538,7 @@ class Bank:
     """Recomputes the gradients of existing ids into new rows (text may change)."""
     pairs = validate_documents(docs)
     self.refresh()
-    unknown = [i for i, _ in pairs if i not in self._latest]
+    unknown = [i for i, _ in pairs if i not in self._rows.latest]
     if unknown:
       raise KeyError(f"ids not in the bank (use append): {unknown[:10]}")
     return self._run(pairs, computer, force=True, **kw)
@@ -607,11 +550,7 @@ class Bank:
     with self._chief_lock():
       if parallel.is_chief():
         self.refresh()
-        unknown = [i for i in ids if i not in self._latest]
-        if unknown:
-          raise KeyError(f"ids not in the bank: {unknown[:10]}")
-        for doc_id in ids:
-          self._deleted.update(self._by_id[doc_id])
+        self._rows.delete(ids)
         self._commit_manifest()
       _barrier(f"bank-delete:{self.path}")
       self.refresh()
@@ -631,8 +570,8 @@ class Bank:
                       rows_per_chunk=rows_per_chunk)
     encode = jax.jit(lambda flat: {k: codec.encode(v) for k, v in flat.items()})
     with store.writer_lock(dst.path):
-      dst._append_rows(ids, [self._manifest["sha"][r] for r in src_rows])
-      cut = {i for i, r in enumerate(src_rows) if int(r) in self._truncated}
+      dst._append_rows(ids, [self._rows.text_sha(r) for r in src_rows])
+      cut = {i for i, r in enumerate(src_rows) if int(r) in self._rows.truncated}
       for start in range(0, len(ids), batch_rows):
         rows = np.arange(start, min(start + batch_rows, len(ids)))
         parts = jax.device_get(encode(self.read_rows(src_rows[rows])))
@@ -661,9 +600,7 @@ class Bank:
         self._reserve(pairs, force, report)
       _barrier(f"bank-reserve:{self.path}")
       self.refresh()
-      todo = [(self._latest[i], t) for i, t in pairs
-              if not self._complete[self._latest[i]]
-              and self._latest[i] not in self._refused]
+      todo = self._rows.pending(pairs)
       mine = todo[parallel.process_slice(len(todo))]
       self._compute(mine, computer, report, progress, on_batch)
       _barrier(f"bank-computed:{self.path}")
@@ -672,41 +609,25 @@ class Bank:
         self._commit_manifest()
       _barrier(f"bank-folded:{self.path}")
       self.refresh()
-    report.refused = {i: self._refused[self._latest[i]] for i, _ in pairs
-                      if self._latest.get(i) in self._refused}
+    report.refused = self._rows.refused_ids([i for i, _ in pairs])
     report.seconds = time.perf_counter() - start
     return report
 
   def _reserve(self, pairs, force: bool, report: BuildReport) -> None:
     """Chief: a new pending row for every document that needs one."""
-    new_ids, new_shas = [], []
-    for doc_id, text in pairs:
-      sha = compute.text_sha(text)
-      row = self._latest.get(doc_id)
-      if row is not None and self._manifest["sha"][row] == sha:
-        pending = not self._complete[row] and row not in self._refused
-        if pending:  # An interrupted run's reservation: computed again below.
-          continue
-        if not force:
-          report.skipped += 1
-          continue
-      new_ids.append(doc_id)
-      new_shas.append(sha)
-      if doc_id in self._live:
-        report.replaced += 1
-      else:
-        report.appended += 1
-    if new_ids:
-      self._append_rows(new_ids, new_shas)
+    plan = self._rows.plan([(i, compute.text_sha(t)) for i, t in pairs], force)
+    report.skipped += plan.skipped
+    report.appended += plan.appended
+    report.replaced += plan.replaced
+    if plan.ids:
+      self._append_rows(plan.ids, plan.shas)
 
   def _append_rows(self, ids, shas) -> None:
     """Chief: reserves rows (arrays grown first, then the manifest written)."""
     n = self.num_rows + len(ids)
     for name, arr in self._arrays.items():
       self._arrays[name] = store.grow_array(arr, n)
-    self._manifest["ids"] += list(ids)
-    self._manifest["sha"] += list(shas)
-    self._complete = np.concatenate([self._complete, np.zeros((len(ids),), bool)])
+    self._rows.append(ids, shas)
     self._commit_manifest(fold=False)
 
   def _compute(self, todo, computer, report, progress, on_batch) -> None:
@@ -772,7 +693,7 @@ class Bank:
                 self._arrays[f"{leaf}/{p}"].dtype.numpy_dtype, copy=False)
             for leaf, leaf_parts in parts.items() for p, x in leaf_parts.items()}
     futures = [self._arrays[name][rows].write(x).commit for name, x in flat.items()]
-    sums = {int(r): store.row_checksum(self._manifest["ids"][int(r)],
+    sums = {int(r): store.row_checksum(self._rows.row_id(int(r)),
                                        {n: x[j] for n, x in flat.items()})
             for j, r in enumerate(rows)}
     return futures, sums
@@ -783,17 +704,9 @@ class Bank:
     With `fold`, rows superseded by a later complete row of their id are
     tombstoned, and the markers already merged into the state are deleted.
     """
-    m = self._manifest
     if fold:
-      for doc_id, row in self._own_live.items():
-        self._deleted.update(r for r in self._by_id[doc_id] if r < row)
-    m["complete"] = _to_ranges(self._complete)
-    m["refused"] = {str(r): why for r, why in sorted(self._refused.items())}
-    m["truncated"] = sorted(int(r) for r in self._truncated)
-    m["deleted"] = sorted(int(r) for r in self._deleted)
-    m["checksums"] = {str(r): c for r, c in sorted(self._checksums.items())}
-    m["format_version"] = FORMAT_VERSION  # A format-1 bank is upgraded by a write.
-    m["sha256"] = _manifest_sha(m)
+      self._rows.fold()
+    m = self._rows.to_manifest()
     store.write_json_atomic(self.path / MANIFEST, m)
     if fold:
       for p in self._markers:

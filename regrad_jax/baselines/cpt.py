@@ -42,9 +42,10 @@ from regrad_jax.model import lora as lora_lib
 from regrad_jax.model import losses
 
 
-def tokenize_documents(tokenizer, texts: Sequence[str], max_len: int
-                       ) -> list[list[int]]:
-  """Token ids of documents as banked (index 1, truncated to max_len)."""
+def encode_documents(tokenizer, texts: Sequence[str], max_len: int) -> list[list[int]]:
+  """Each text's token ids as banked (prompts.encode_document: "Passage 1: <text>",
+  cut to max_len), unpadded: `doc_batches` pads them (bank.compute.tokenize_documents
+  pads to buckets itself)."""
   return [prompts.encode_document(tokenizer, t, max_len, index=1)[0] for t in texts]
 
 
@@ -157,7 +158,7 @@ class CPT:
     """Trains on the documents' text, in order, for `epochs` passes."""
     if not documents:
       return
-    ids = tokenize_documents(self.tokenizer, [d.text for d in documents], self.max_len)
+    ids = encode_documents(self.tokenizer, [d.text for d in documents], self.max_len)
     self.train_stream(lambda: doc_batches(ids, self.batch_size, self.doc_buckets,
                                           self.tokenizer.pad_id),
                       -(-len(ids) // self.batch_size))
@@ -183,7 +184,7 @@ class CPT:
 
   def lm_loss(self, documents: Sequence) -> float:
     """Mean per-document LM loss of the current weights on `documents`."""
-    ids = tokenize_documents(self.tokenizer, [d.text for d in documents], self.max_len)
+    ids = encode_documents(self.tokenizer, [d.text for d in documents], self.max_len)
     total = 0.0
     for tokens, mask in doc_batches(ids, self.batch_size, self.doc_buckets,
                                     self.tokenizer.pad_id):

@@ -84,8 +84,8 @@ class ICPT(cpt.CPT):
     """Trains on the documents, each followed by icpt_qa_per_doc QA pairs."""
     if not documents:
       return
-    docs = cpt.tokenize_documents(self.tokenizer, [d.text for d in documents],
-                                  self.max_len)
+    docs = cpt.encode_documents(self.tokenizer, [d.text for d in documents],
+                                self.max_len)
     items = []
     for ids in docs:
       items.append((ids, 0))

@@ -152,8 +152,8 @@ class PRAG:
     missing = [i for i in todo if i not in self.text]
     if missing:
       raise KeyError(f"PRAG has no text for documents {missing[:3]}")
-    ids = cpt.tokenize_documents(self.tokenizer, [self.text[i] for i in todo],
-                                 self.max_len)
+    ids = cpt.encode_documents(self.tokenizer, [self.text[i] for i in todo],
+                               self.max_len)
     start = 0
     for tokens, mask in tqdm(cpt.doc_batches(ids, self.train_batch, self.doc_buckets,
                                              self.tokenizer.pad_id),

@@ -1,6 +1,10 @@
-"""Evaluation: QA metrics (metrics.py) and the evaluation drivers of the package."""
-from regrad_jax.eval.metrics import (accuracy, aggregate, contains_answer, exact_match,
-                                     f1, normalize)
+"""Evaluation: every method on the same model, documents and questions.
 
-__all__ = ["accuracy", "aggregate", "contains_answer", "exact_match", "f1",
-           "normalize"]
+  evaluate.py    the driver (`launch.evaluate`): QA of each method, then drift
+  injection.py   QA and drift as documents keep arriving
+  drift.py       how far a method's generic model moved from the base model
+  report.py      results as Markdown tables and a plot
+
+The QA scores themselves (EM, F1, acc) are regrad_jax/metrics.py, which
+meta-training's dev evaluation uses too.
+"""

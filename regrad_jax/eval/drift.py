@@ -50,9 +50,9 @@ from tqdm import tqdm
 
 from regrad_jax import batching
 from regrad_jax import data as data_lib
+from regrad_jax import metrics
 from regrad_jax.data import records as records_lib
 from regrad_jax.data import tiny as tiny_data
-from regrad_jax.eval import metrics
 from regrad_jax.model import losses
 from regrad_jax.model import sampling
 from regrad_jax.model import transformer

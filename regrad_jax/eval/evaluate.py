@@ -40,7 +40,7 @@ from regrad_jax import data as data_lib
 from regrad_jax import kb as kb_lib
 from regrad_jax import parallel
 from regrad_jax.eval import drift as drift_lib
-from regrad_jax.eval import metrics
+from regrad_jax import metrics
 from regrad_jax.eval import report
 from regrad_jax.meta import state as meta_state
 from regrad_jax.model import loaders

@@ -38,7 +38,7 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
 def results_table(methods: dict) -> str:
   """Markdown: one row per method (method -> {em, f1, acc, n, ppl_*, probe_acc, ...}).
 
-  acc: the answer contains a gold answer (eval/metrics.contains_answer).
+  acc: the answer contains a gold answer (regrad_jax/metrics.contains_answer).
   """
   if not methods:
     raise ValueError("results_table: no methods")

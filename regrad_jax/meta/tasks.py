@@ -77,19 +77,15 @@ def build_tasks(records, documents, tokenizer, *, k: int, mode: str,
   if missing and selection == "gold":
     raise ValueError(f"{len(missing)} records have no gold passage in the corpus, "
                      f"e.g. {missing[:3]}")
-  hits = [[] for _ in records]
-  if k > 1 or selection == "reference":
-    index = bm25.BM25Index()
-    index.build(list(text), list(text.values()))
-    hits = index.search([r.question for r in records], k)[0]
+  gold = [r.passage_id for r in records] if selection == "gold" else None
+  picks = bm25.neighbours(list(text), list(text.values()), [r.question for r in records], k,
+                          gold)
   first = prompts.first_index(tokenizer)
   tasks = []
-  for i, (r, row) in enumerate(zip(records, hits)):
-    if selection == "reference":
-      passages = tuple(text[h] for h in row)
-    else:
-      ids = [r.passage_id] + [h for h in row if h != r.passage_id][:k - 1]
-      passages = tuple(text[ids[j]] for j in np.random.default_rng([seed, i]).permutation(len(ids)))
+  for i, (r, ids) in enumerate(zip(records, picks)):
+    if selection == "gold":  # Not always first: a seeded order per task.
+      ids = [ids[j] for j in np.random.default_rng([seed, i]).permutation(len(ids))]
+    passages = tuple(text[h] for h in ids)
     doc_ids = [prompts.encode_document(tokenizer, p, max_context_len, index=n + first)[0]
                for n, p in enumerate(passages)]
     # ICL prompts hold each passage cut as its gradient sees it (as RAG does).

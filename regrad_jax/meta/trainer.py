@@ -24,9 +24,9 @@ from tqdm import tqdm
 
 from regrad_jax import data as data_lib
 from regrad_jax import fingerprint
+from regrad_jax import metrics
 from regrad_jax import parallel
 from regrad_jax import prompts
-from regrad_jax.eval import metrics
 from regrad_jax.meta import objective
 from regrad_jax.meta import state as state_lib
 from regrad_jax.meta import tasks as tasks_lib
@@ -190,6 +190,13 @@ def _check_finite(step: int, m: dict) -> None:
         f"({ {k: m[k] for k in bad} }); lower meta.lr or alpha_init")
 
 
+def _append_line(path: pathlib.Path, record: dict) -> None:
+  """Appends one JSON line to `path`, closed at once: a reader, or a run killed
+  later, sees every line written so far."""
+  with open(path, "a") as f:
+    f.write(json.dumps(record) + "\n")
+
+
 def train(config, workdir, stop_after: int | None = None) -> dict:
   """Meta-trains theta, alpha on config.data's training tasks; returns a summary.
 
@@ -272,12 +279,12 @@ def train(config, workdir, stop_after: int | None = None) -> dict:
   if (workdir / "meta_state" / "info.json").exists():
     dev = json.loads((workdir / "meta_state" / "info.json").read_text()).get("dev", {})
     best = (dev.get("f1", -1.0), -dev.get("loss", np.inf))
-  log = open(workdir / "metrics.jsonl", "a") if parallel.is_chief() else None
+  log = workdir / "metrics.jsonl" if parallel.is_chief() else None
   if dev_tasks and start == 0 and mc.init_from:  # Where the curve starts.
     dev0 = evaluate_domains(params, meta, dev_tasks, tokenizer, **eval_kw)
     logging.info("step 0 dev %s", dev0)
-    if log:
-      log.write(json.dumps({"step": 0, "dev": dev0}) + "\n")
+    if log is not None:
+      _append_line(log, {"step": 0, "dev": dev0})
   bar = tqdm(range(start, mc.num_steps), initial=start, total=mc.num_steps,
              desc="meta-train", disable=not parallel.is_chief())
   last = {}
@@ -309,9 +316,8 @@ def train(config, workdir, stop_after: int | None = None) -> dict:
         best = score
         state_lib.save(workdir / "meta_state", meta["theta"], meta["alpha"],
                        {**info, "step": step + 1, "dev": m["dev"]})
-    if log:
-      log.write(json.dumps(m) + "\n")
-      log.flush()
+    if log is not None:
+      _append_line(log, m)
     if (step + 1) % mc.checkpoint_every == 0 or step + 1 == mc.num_steps:
       manager.save(step + 1, args=ocp.args.StandardSave(
           {"meta": meta, "opt_state": opt_state}))

@@ -6,6 +6,7 @@ Public API:
   Encoder.load("minilm") / Encoder.tiny() / .embed(texts)
   encode(params, config, token_ids, mask), load_minilm(path=None)
   ScannIndex, BruteForceIndex, BM25Index, exact_search, load_index, make_index
+  bm25.neighbours(ids, texts, questions, k, gold)   the passages of meta-learning tasks
 """
 from regrad_jax.retrieval.bm25 import BM25Index
 from regrad_jax.retrieval.encoder import BertConfig

@@ -5,6 +5,8 @@ characters) and English stopwords are dropped; no stemming (the reference
 ReGrad retriever is plain BM25 on the question). Query words absent from the
 corpus are ignored; a query left with none scores every document 0.
 
+`neighbours` picks the passages of meta-learning tasks (meta/tasks.py) with it.
+
 On disk: `index.json` (ids) and bm25s' own files in `bm25s/` (score arrays as
 .npy written and read with allow_pickle=False, vocabulary and parameters as
 JSON, the texts as `corpus.jsonl`, which `add` / `remove` need to rebuild).
@@ -86,3 +88,25 @@ class BM25Index(index_lib.Index):
     if len(self._corpus) != len(ids):
       raise ValueError(f"{directory}: {len(ids)} ids but {len(self._corpus)} BM25 texts.")
 
+
+def neighbours(ids, texts, questions, k: int, gold=None) -> list[list[str]]:
+  """The ids of each question's k passages, by BM25 over one corpus.
+
+  Args:
+    ids, texts: the corpus, (N,) each.
+    questions: Q question strings.
+    k: passages per question.
+    gold: None: each question's top-k hits in rank order (as the reference
+      ReGrad trains; its gold passage is not guaranteed to be among them). Or Q
+      ids: question q's gold passage first, then its k-1 best other hits.
+  Returns:
+    Q lists of min(k, N) ids (with gold and k = 1, [gold], and no index is built).
+  """
+  hits = [[] for _ in questions]
+  if k > 1 or gold is None:
+    index = BM25Index()
+    index.build(list(ids), list(texts))
+    hits = index.search(list(questions), k)[0]
+  if gold is None:
+    return hits
+  return [[g] + [h for h in row if h != g][:k - 1] for g, row in zip(gold, hits)]

@@ -1,6 +1,8 @@
 """QA metrics: exact match, token F1 and answer accuracy, SQuAD-normalised.
 
-The one metrics module of the package. Normalisation follows the official
+The one metrics module of the package, at the top level so that every stage
+(meta-training's dev evaluation, eval/, baselines, benchmarks) imports it without
+importing the evaluation drivers. Normalisation follows the official
 SQuAD evaluation script (also used by the ReGrad reference): lower-case, drop
 ASCII punctuation, drop the articles a/an/the, collapse whitespace. A
 prediction is scored against every gold answer and the best score counts.
