@@ -17,7 +17,7 @@ from ml_collections import config_flags
 from benchmarks import common
 from regrad_jax import data as data_lib, parallel
 from regrad_jax.meta import objective, tasks as tasks_lib, trainer
-from regrad_jax.model import LoraConfig, init_lora, loaders, losses
+from regrad_jax.model import LoraConfig, init_lora, loaders, losses, transformer
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/smollm2_cpkc.py:k=3")
 _TASKS = flags.DEFINE_integer("tasks", 4, "Tasks per meta-step.")
@@ -62,7 +62,7 @@ def main(argv):
   ours_first, ours = common.timed(lambda: step(meta, opt, params, batch)[2]["loss"],
                                   repeats=_REPEATS.value)
   shape = batch["doc_tokens"].shape
-  figures = {"tasks": shape[0], "remat": bool(c.meta.remat), "k": shape[1], "doc_len": shape[2],
+  figures = {"tasks": shape[0], "remat": transformer.remat_mode(c.meta.remat), "k": shape[1], "doc_len": shape[2],
              "qa_len": batch["qa_tokens"].shape[1], "step_s": ours,
              "task_s": ours / shape[0], "first_step_s": ours_first}
   if not _BARE.value:

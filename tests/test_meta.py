@@ -64,6 +64,20 @@ def test_meta_gradient_matches_finite_differences(setup):
   assert diff > 1e-4
 
 
+@pytest.mark.parametrize("remat", ["dots", "full", True])
+def test_remat_modes_give_the_same_meta_gradient(setup, remat):
+  """Rematerialising the adapted layers (config.meta.remat) changes memory and
+  time only: the second-order loss and gradient are those of remat="none"."""
+  params, theta, batch = setup
+  task = jax.tree.map(lambda x: x[0], batch)
+  meta = {"theta": theta, "alpha": objective.init_alpha(theta, "tie", 0.5)}
+  ref_loss, ref = jax.jit(jax.value_and_grad(_loss_fn(params, task, remat="none")))(meta)
+  loss, grads = jax.jit(jax.value_and_grad(_loss_fn(params, task, remat=remat)))(meta)
+  np.testing.assert_allclose(loss, ref_loss, rtol=1e-6)
+  for g, r in zip(jax.tree.leaves(grads), jax.tree.leaves(ref)):
+    np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-7)
+
+
 def test_alpha_mode_shapes(setup):
   _, theta, _ = setup
   tie = objective.init_alpha(theta, "tie", 0.01)
