@@ -58,7 +58,6 @@ import uuid
 from typing import Callable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import tqdm
 from absl import logging
