@@ -22,7 +22,7 @@ from benchmarks import common
 from regrad_jax import data as data_lib, kb as kb_lib, prompts
 from regrad_jax.adapt import ReGrad
 from regrad_jax.meta import objective
-from regrad_jax.model import decode, sampling
+from regrad_jax.model import decode, generation
 from regrad_jax.retrieval import index as index_lib
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/smollm2_cpkc.py:ctx=96")
@@ -78,11 +78,11 @@ def answering_part(config, n_docs):
 
   ids, _ = retriever.search(questions, k)
   sums = bank.gather_sum(ids)
-  tokens, mask = sampling.encode_prompts(tok, [prompts.qa_prompt(q, tok) for q in questions])
+  tokens, mask = generation.encode_prompts(tok, [prompts.qa_prompt(q, tok) for q in questions])
   # RAG reads each passage cut to the length a banked gradient sees (as baselines.rag).
   texts = {d.id: prompts.truncate_text(tok, d.text, config.data.max_context_len)
            for d in docs}
-  rag_t, rag_m = sampling.encode_prompts(
+  rag_t, rag_m = generation.encode_prompts(
       tok, [prompts.qa_prompt(q, tok, [texts[i] for i in row]) for q, row in zip(questions, ids)])
   adapt = jax.jit(objective.batched_adapt)
   lora = adapt(theta, alpha, sums, np.float32(1.0))

@@ -8,7 +8,7 @@ r"""Prints the model's greedy continuation of a prompt (a smoke test of a config
 from absl import app, flags
 from ml_collections import config_flags
 
-from regrad_jax.model import loaders, sampling
+from regrad_jax.model import generation, loaders
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/smollm2_135m.py")
 _PROMPT = flags.DEFINE_string("prompt", "The capital of France is", "Text to continue.")
@@ -20,7 +20,7 @@ def main(argv):
   del argv
   config = _CONFIG.value
   params, model_cfg, tokenizer = loaders.load_model(config.model)
-  text, = sampling.answer(params, model_cfg, tokenizer, [_PROMPT.value],
+  text, = generation.answer(params, model_cfg, tokenizer, [_PROMPT.value],
                           _MAX_NEW.value, chat=_CHAT.value)
   print(text)
 

@@ -10,7 +10,7 @@ from regrad_jax.data import tiny as tiny_data
 from regrad_jax.data.records import Document
 from regrad_jax.meta import objective, state as state_lib
 from regrad_jax.model import LoraConfig, decode, init_lora, lora as lora_lib, loaders
-from regrad_jax.model import sampling, transformer
+from regrad_jax.model import generation, transformer
 
 CONFIG = tiny.get_config()
 CONFIG.bank.codec = "fp32"
@@ -95,7 +95,7 @@ def test_gamma_zero_is_the_unadapted_model(engine):
   q = _questions()[:4]
   adapted0 = [r.answer for r in engine.answer(q, gamma=0.0)]
   (params, mcfg, tok), m = engine.model, engine.meta
-  tokens, mask = sampling.encode_prompts(tok, [prompts.qa_prompt(x, tok) for x in q])
+  tokens, mask = generation.encode_prompts(tok, [prompts.qa_prompt(x, tok) for x in q])
   out = decode.generate(params, tokens, mask, config=mcfg, lora=m.theta,
                         lora_config=m.lora_config, max_new_tokens=6)
   assert adapted0 == [tok.decode(r).strip() for r in np.asarray(out)]

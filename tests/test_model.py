@@ -16,7 +16,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from regrad_jax import parallel
-from regrad_jax.model import loaders, sampling
+from regrad_jax.model import generation, loaders
 from regrad_jax.model import lora as lora_lib
 from regrad_jax.model import transformer
 from regrad_jax.model.config import tiny_config
@@ -243,13 +243,13 @@ def test_sharded_forward_equals_unsharded():
 def test_answer_decodes_batched_greedy_continuations():
   tok, params = ByteTokenizer(), tiny_params()
   texts = ["The capital of", "Hi"]
-  got = sampling.answer(params, CFG, tok, texts, max_new_tokens=5)
+  got = generation.answer(params, CFG, tok, texts, max_new_tokens=5)
   want = _greedy_by_recomputation(params, [tok.encode(t, add_bos=True) for t in texts], 5)
   assert got == [tok.decode(row) for row in want]
-  tokens, mask = sampling.encode_prompts(tok, texts)
+  tokens, mask = generation.encode_prompts(tok, texts)
   assert tokens.shape == (2, 32) and mask[:, -1].all() and not mask[1, 0]  # Left-padded.
   with pytest.raises(ValueError, match="no prompts"):
-    sampling.answer(params, CFG, tok, [], 5)
+    generation.answer(params, CFG, tok, [], 5)
 
 
 def test_generate_batched_keeps_order_and_compiles_once_per_bucket():
@@ -269,11 +269,11 @@ def test_generate_batched_keeps_order_and_compiles_once_per_bucket():
     assert all(len(ids[r]) <= tokens.shape[1] for r in rows)
     return last_token(tokens, mask)
 
-  out = sampling.generate_batched(ids, run, pad_id=0, batch_size=4, buckets=(32, 64),
+  out = generation.generate_batched(ids, run, pad_id=0, batch_size=4, buckets=(32, 64),
                                   progress=False)
   assert [int(row[0]) for row in out] == list(range(len(ids)))  # Input order.
   assert [shape for shape, _ in seen] == [(4, 32), (4, 64), (4, 64)]
   assert seen[-1][1][-1] == seen[-1][1][-2]  # The short batch repeats its last row.
   with pytest.raises(AssertionError, match="max_traces"):
-    sampling.generate_batched([[1] * 90], run, pad_id=0, batch_size=4,
+    generation.generate_batched([[1] * 90], run, pad_id=0, batch_size=4,
                               buckets=(32, 64, 128), progress=False)

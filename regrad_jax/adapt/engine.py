@@ -6,7 +6,7 @@
   engine = ReGrad.from_config(config, workdir, documents=docs)   # the evaluation's
 
 The retriever returns every query's top-k document ids; queries are then batched
-by prompt length (model.sampling.generate_batched) and for each batch the bank
+by prompt length (model.generation.generate_batched) and for each batch the bank
 returns sum_k g_k per query (one batched TensorStore read) and one jitted call forms
 theta_q = theta* - gamma * alpha (.) sum_k g_k for every query and decodes all of
 them, each through its own adapter (online.generate_adapted). In "icl" mode the
@@ -32,7 +32,7 @@ from regrad_jax import prompts as prompts_lib
 from regrad_jax.adapt import online
 from regrad_jax.bank import bank as bank_lib
 from regrad_jax.bank import pipeline
-from regrad_jax.model import sampling
+from regrad_jax.model import generation
 
 
 @dataclasses.dataclass(frozen=True)
@@ -165,8 +165,8 @@ class ReGrad:
           np.float32(gamma), config=self.model.config, lora_config=m.lora_config,
           max_new_tokens=self.max_new_tokens)
 
-    new = sampling.generate_batched(
-        sampling.prompt_ids(tok, texts), run, pad_id=tok.pad_id,
+    new = generation.generate_batched(
+        generation.prompt_ids(tok, texts), run, pad_id=tok.pad_id,
         batch_size=self.batch_size, desc="answer", progress=progress)
     return [self._result(q, prompts_lib.extract_answer(tok, tok.decode(row)), i, sc)
             for q, row, i, sc in zip(questions, new, ids, scores)]

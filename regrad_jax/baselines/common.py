@@ -18,7 +18,7 @@ from typing import Callable, Protocol, Sequence
 import numpy as np
 
 from regrad_jax import prompts
-from regrad_jax.model import sampling
+from regrad_jax.model import generation
 from regrad_jax.model.decode import generate
 from regrad_jax.model.config import ModelConfig
 
@@ -63,13 +63,13 @@ def qa_prompt_ids(tokenizer, questions: Sequence[str],
 
 def generate_answers(params: dict, prompt_ids: Sequence[Sequence[int]], tokenizer, *,
                      config: ModelConfig, batch_size: int, max_new_tokens: int,
-                     buckets=sampling.PROMPT_BUCKETS, lora: dict | None = None,
+                     buckets=generation.PROMPT_BUCKETS, lora: dict | None = None,
                      lora_config=None,
                      lora_for_rows: Callable[[np.ndarray], dict] | None = None,
                      desc: str = "answer") -> list[str]:
   """Greedy answers to prompts, `batch_size` rows per jitted call.
 
-  Batched by model.sampling.generate_batched (sorted by length, a short last
+  Batched by model.generation.generate_batched (sorted by length, a short last
   batch repeats its last row, left-padded to the smallest of `buckets` that
   fits); the default buckets are the ReGrad engine's, so every method sees its
   prompt padded alike.
@@ -93,6 +93,6 @@ def generate_answers(params: dict, prompt_ids: Sequence[Sequence[int]], tokenize
                     lora_config=lora_config if row_lora is not None else None,
                     max_new_tokens=max_new_tokens)
 
-  new = sampling.generate_batched(prompt_ids, run, pad_id=tokenizer.pad_id,
+  new = generation.generate_batched(prompt_ids, run, pad_id=tokenizer.pad_id,
                                   batch_size=batch_size, buckets=buckets, desc=desc)
   return [prompts.extract_answer(tokenizer, tokenizer.decode(row)) for row in new]

@@ -54,7 +54,7 @@ from regrad_jax import metrics
 from regrad_jax.data import records as records_lib
 from regrad_jax.data import tiny as tiny_data
 from regrad_jax.model import losses
-from regrad_jax.model import sampling
+from regrad_jax.model import generation
 from regrad_jax.model import transformer
 from regrad_jax.model.decode import generate
 from regrad_jax.model.config import ModelConfig
@@ -169,13 +169,13 @@ def continue_prompts(params: dict, prompts: list[str], tokenizer, *,
   """Greedy continuations of raw text prompts (no chat template).
 
   Prompts are tokenised with the default BOS and decoded `batch_size` rows at a
-  time by model.sampling.generate_batched (left-padded to `buckets`; longer
+  time by model.generation.generate_batched (left-padded to `buckets`; longer
   prompts keep their last tokens).
   """
   run = lambda tokens, mask, rows: generate(params, tokens, mask, config=config,
                                             max_new_tokens=max_new_tokens)
   ids = [tokenizer.encode(p, add_bos=tokenizer.add_bos_default) for p in prompts]
-  new = sampling.generate_batched(ids, run, pad_id=tokenizer.pad_id, batch_size=batch_size,
+  new = generation.generate_batched(ids, run, pad_id=tokenizer.pad_id, batch_size=batch_size,
                                   buckets=buckets, desc=desc)
   return [tokenizer.decode(row) for row in new]
 
@@ -264,14 +264,14 @@ class DriftMeter:
     """The meter of `model` (loaders.Model: its params are the base weights).
 
     Sizes from config.eval; probe shapes as the answering methods' (adapt.
-    batch_size rows, sampling.PROMPT_BUCKETS); see `load_drift_data`."""
+    batch_size rows, generation.PROMPT_BUCKETS); see `load_drift_data`."""
     return cls(model.params, model.tokenizer, model.config,
                load_drift_data(config, corpus_ids=corpus_ids),
                window=int(config.eval.ppl_window),
                batch_size=int(config.eval.batch_size),
                probe_tokens=int(config.eval.probe_tokens),
                probe_batch_size=int(config.adapt.batch_size),
-               probe_buckets=sampling.PROMPT_BUCKETS)
+               probe_buckets=generation.PROMPT_BUCKETS)
 
   def measure(self, params: dict | None = None) -> dict:
     """{"ppl_general", "ppl_wiki", "probe_acc", "weight_l2"} of `params`

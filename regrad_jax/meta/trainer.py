@@ -31,9 +31,9 @@ from regrad_jax.meta import objective
 from regrad_jax.meta import state as state_lib
 from regrad_jax.meta import tasks as tasks_lib
 from regrad_jax.model import decode
+from regrad_jax.model import generation
 from regrad_jax.model import lora as lora_lib
 from regrad_jax.model import loaders
-from regrad_jax.model import sampling
 
 
 def make_optimizer(mc, num_steps: int) -> optax.GradientTransformation:
@@ -145,7 +145,7 @@ def evaluate(params, meta, tasks, tokenizer, *, config, lora_config, data_cfg,
   mean answer loss (nats/token): a finer signal than F1 while answers are wrong.
 
   Answers are decoded in batches of `batch_size` tasks by
-  sampling.generate_batched (as every other decoder of the package); losses are
+  generation.generate_batched (as every other decoder of the package); losses are
   taken over the same batches in task order, the last one padded by repetition.
   """
   collate = lambda rows: tasks_lib.collate(
@@ -158,7 +158,7 @@ def evaluate(params, meta, tasks, tokenizer, *, config, lora_config, data_cfg,
         params, meta, b["doc_tokens"], b["doc_mask"], prompt, pmask, config=config,
         lora_config=lora_config, max_new_tokens=max_new_tokens))
 
-  out = sampling.generate_batched([t.qa_ids[:t.n_prompt] for t in tasks], run,
+  out = generation.generate_batched([t.qa_ids[:t.n_prompt] for t in tasks], run,
                                   pad_id=tokenizer.pad_id, batch_size=batch_size,
                                   buckets=data_cfg.qa_buckets, progress=False)
   preds = [prompts.extract_answer(tokenizer, tokenizer.decode(row)) for row in out]

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from regrad_jax import batching, registry
-from regrad_jax.model import loaders, losses, sampling, transformer
+from regrad_jax.model import generation, loaders, losses, transformer
 
 pytestmark = pytest.mark.real
 
@@ -45,9 +45,9 @@ def test_config_matches_the_published_model(smollm):
 
 def test_greedy_capital_of_france(smollm):
   _, params, config, tokenizer = smollm
-  out, = sampling.answer(params, config, tokenizer, ["The capital of France is"], 4)
+  out, = generation.answer(params, config, tokenizer, ["The capital of France is"], 4)
   assert out.startswith(" Paris"), out
-  chat, = sampling.answer(params, config, tokenizer, ["What is the capital of France?"],
+  chat, = generation.answer(params, config, tokenizer, ["What is the capital of France?"],
                           12, chat=True)
   assert "Paris" in chat, chat
 

@@ -1,4 +1,5 @@
-"""Batched prompting around `generate`: the one length-bucketed batch loop, text in, text out.
+"""Batched generation around `decode.generate`: the one length-bucketed batch loop, text in,
+text out (greedy decoding and temperature sampling live in decode.py).
 
 `generate_batched` is the loop every caller that decodes many prompts shares (the
 baselines, drift probes, the ReGrad engine, `answer`): sort by length, cut into
