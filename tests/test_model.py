@@ -270,10 +270,10 @@ def test_generate_batched_keeps_order_and_compiles_once_per_bucket():
     return last_token(tokens, mask)
 
   out = generation.generate_batched(ids, run, pad_id=0, batch_size=4, buckets=(32, 64),
-                                  progress=False)
+                                    progress=False)
   assert [int(row[0]) for row in out] == list(range(len(ids)))  # Input order.
   assert [shape for shape, _ in seen] == [(4, 32), (4, 64), (4, 64)]
   assert seen[-1][1][-1] == seen[-1][1][-2]  # The short batch repeats its last row.
   with pytest.raises(AssertionError, match="max_traces"):
     generation.generate_batched([[1] * 90], run, pad_id=0, batch_size=4,
-                              buckets=(32, 64, 128), progress=False)
+                                buckets=(32, 64, 128), progress=False)

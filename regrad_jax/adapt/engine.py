@@ -102,6 +102,7 @@ class ReGrad:
     k = pipeline.open_knowledge(config, workdir, model=model, kb_dir=kb_dir,
                                 writer=documents is not None)
     chunking = chunking or kb_lib.Chunking.from_config(config)
+    retriever = None  # Read-only: the saved index, in line with the catalog.
     if documents is not None:
       documents = list(documents)
       report = k.kb.add(documents, k.computer, chunking, progress=progress)
@@ -111,9 +112,8 @@ class ReGrad:
       logging.info("knowledge base %s: %s", k.kb.workdir, report)
       retriever = k.kb.retriever(config)
       k.kb.save_index(retriever)
-      return cls(k.model, k.meta, k.kb, k.computer, config, retriever=retriever,
-                 chunking=chunking)
-    return cls(k.model, k.meta, k.kb, k.computer, config, chunking=chunking)
+    return cls(k.model, k.meta, k.kb, k.computer, config, retriever=retriever,
+               chunking=chunking)
 
   @classmethod
   def load(cls, workdir, config) -> "ReGrad":

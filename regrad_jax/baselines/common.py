@@ -94,5 +94,5 @@ def generate_answers(params: dict, prompt_ids: Sequence[Sequence[int]], tokenize
                     max_new_tokens=max_new_tokens)
 
   new = generation.generate_batched(prompt_ids, run, pad_id=tokenizer.pad_id,
-                                  batch_size=batch_size, buckets=buckets, desc=desc)
+                                    batch_size=batch_size, buckets=buckets, desc=desc)
   return [prompts.extract_answer(tokenizer, tokenizer.decode(row)) for row in new]

@@ -176,7 +176,7 @@ def continue_prompts(params: dict, prompts: list[str], tokenizer, *,
                                             max_new_tokens=max_new_tokens)
   ids = [tokenizer.encode(p, add_bos=tokenizer.add_bos_default) for p in prompts]
   new = generation.generate_batched(ids, run, pad_id=tokenizer.pad_id, batch_size=batch_size,
-                                  buckets=buckets, desc=desc)
+                                    buckets=buckets, desc=desc)
   return [tokenizer.decode(row) for row in new]
 
 

@@ -159,8 +159,8 @@ def evaluate(params, meta, tasks, tokenizer, *, config, lora_config, data_cfg,
         lora_config=lora_config, max_new_tokens=max_new_tokens))
 
   out = generation.generate_batched([t.qa_ids[:t.n_prompt] for t in tasks], run,
-                                  pad_id=tokenizer.pad_id, batch_size=batch_size,
-                                  buckets=data_cfg.qa_buckets, progress=False)
+                                    pad_id=tokenizer.pad_id, batch_size=batch_size,
+                                    buckets=data_cfg.qa_buckets, progress=False)
   preds = [prompts.extract_answer(tokenizer, tokenizer.decode(row)) for row in out]
   task_loss = []
   for i in range(0, len(tasks), batch_size):
