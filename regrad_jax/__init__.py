@@ -7,8 +7,9 @@ _compile_cache.configure()  # Before anything is compiled (see compile_cache.py)
 
 
 def released(name: str) -> pathlib.Path:
-  """Path of a meta-learned state shipped with the package (regrad_jax/released)."""
+  """Path of a meta-learned state or fine-tuned baseline adapter shipped with the
+  package (regrad_jax/released; its README has the command that made each)."""
   path = pathlib.Path(__file__).parent / "released" / name
   if not (path / "info.json").exists():
-    raise FileNotFoundError(f"no released meta-learned state {name!r} at {path}")
+    raise FileNotFoundError(f"nothing released as {name!r} at {path}")
   return path

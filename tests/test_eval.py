@@ -142,7 +142,7 @@ def test_evaluate_end_to_end(workdir):
   c = _config(("direct", "cpt", "regrad"))
   out = evaluate.run(c, workdir)
   saved = json.loads((workdir / "results.json").read_text())
-  assert saved["methods"] == out["methods"]
+  assert saved["methods"] == out["methods"] and saved["complete"]
   for name, figs in saved["methods"].items():
     assert set(FIELDS) <= set(figs), name
     assert figs["n"] == 8 and 0.0 <= figs["f1"] <= 100.0
@@ -167,6 +167,22 @@ def test_evaluate_end_to_end(workdir):
   assert len(served.kb.documents) == 4 == len(served.retriever.ids)
   first = next(p for p in preds if p["method"] == "regrad")
   assert served.answer([first["question"]])[0].answer.strip() == first["prediction"]
+
+
+def test_a_run_that_dies_keeps_the_methods_it_measured(tmp_path, monkeypatch):
+  make = evaluate.make_method
+
+  def fail_on_cpt(name, **kw):
+    if name == "cpt":
+      raise RuntimeError("killed")
+    return make(name, **kw)
+
+  monkeypatch.setattr(evaluate, "make_method", fail_on_cpt)
+  with pytest.raises(RuntimeError, match="killed"):
+    evaluate.run(_config(("direct", "cpt")), tmp_path)
+  saved = json.loads((tmp_path / "results.json").read_text())
+  assert list(saved["methods"]) == ["direct"] and not saved["complete"]
+  assert len((tmp_path / "predictions.jsonl").read_text().splitlines()) == 8
 
 
 def test_first_question_skips_the_selection_questions():

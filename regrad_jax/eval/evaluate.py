@@ -23,7 +23,8 @@
    trained there first if absent (baselines/finetuned.py; short for tiny).
 5. WORKDIR/results.json ({"methods": {name: {em, f1, acc, n, ppl_general, ppl_wiki,
    probe_acc, weight_l2, seconds}}, plus the setting), WORKDIR/results.md (the
-   table) and WORKDIR/predictions.jsonl (every answer, with retrieved ids).
+   table) and WORKDIR/predictions.jsonl (every answer, with retrieved ids),
+   rewritten after each method ("complete": false until the last is in).
 """
 import json
 import pathlib
@@ -219,6 +220,21 @@ def run(config, workdir) -> dict:
     timing["bank_and_index"] = round(time.perf_counter() - t0, 1)
 
   meter = drift_lib.DriftMeter.from_config(config, model, corpus_ids=[d.id for d in corpus])
+  setting = {
+      "model": config.model.source, "data": config.data.name,
+      "split": config.eval.split, "num_questions": len(records),
+      "first_question": int(config.eval.get("first_question", 0)),
+      "num_documents": len(corpus), "k": int(config.adapt.k),
+      "meta_state": None if meta_path is None else str(meta_path),
+      "meta_state_info": meta_info, "devices": jax.device_count(),
+  }
+  drift_note = {"weights": "the weights that answer a generic query; ReGrad, RAG, "
+                           "PRAG, Direct: the base weights; CPT, Instruction CPT: "
+                           "fine-tuned (LoRA merged); rag_ft, direct_ft: their "
+                           "LoRA merged",
+                "probe": f"greedy {config.eval.probe_tokens}-token cloze "
+                         "continuation; gold answer within the first words",
+                "ppl": f"token-level, windows <= {config.eval.ppl_window} tokens"}
   results, predictions = {}, []
   bar = tqdm(names, desc="methods")
   for name in bar:
@@ -239,31 +255,18 @@ def run(config, workdir) -> dict:
                f"{figures['probe_acc']:.1f}, weight L2 {figures['weight_l2']:.4g} "
                f"({figures['seconds']:.0f} s)")
     del method  # CPT holds a weight copy and optimiser state.
+    out = {"methods": results, "complete": len(results) == len(names),
+           "setting": setting, "drift": drift_note, "timing": timing,
+           "seconds": round(time.perf_counter() - t_start, 1)}
+    _write(workdir, out, predictions)  # After each method: a run that dies keeps them.
+  return out
 
-  out = {
-      "methods": results,
-      "setting": {
-          "model": config.model.source, "data": config.data.name,
-          "split": config.eval.split, "num_questions": len(records),
-          "first_question": int(config.eval.get("first_question", 0)),
-          "num_documents": len(corpus), "k": int(config.adapt.k),
-          "meta_state": None if meta_path is None else str(meta_path),
-          "meta_state_info": meta_info, "devices": jax.device_count(),
-      },
-      "drift": {"weights": "the weights that answer a generic query; ReGrad, RAG, "
-                           "PRAG, Direct: the base weights; CPT, Instruction CPT: "
-                           "fine-tuned (LoRA merged); rag_ft, direct_ft: their "
-                           "LoRA merged",
-                "probe": f"greedy {config.eval.probe_tokens}-token cloze "
-                         "continuation; gold answer within the first words",
-                "ppl": f"token-level, windows <= {config.eval.ppl_window} tokens"},
-      "timing": timing,
-      "seconds": round(time.perf_counter() - t_start, 1),
-  }
+
+def _write(workdir, out: dict, predictions: list[dict]) -> None:
+  """WORKDIR/results.json, results.md and predictions.jsonl (chief only)."""
   if parallel.is_chief():
     (workdir / "results.json").write_text(json.dumps(out, indent=2))
-    (workdir / "results.md").write_text(report.results_table(results) + "\n")
+    (workdir / "results.md").write_text(report.results_table(out["methods"]) + "\n")
     with open(workdir / "predictions.jsonl", "w") as f:
       for row in predictions:
         f.write(json.dumps(row) + "\n")
-  return out
