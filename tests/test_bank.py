@@ -185,6 +185,25 @@ def test_build_matches_direct_gradients(setup, built):
   assert np.abs(others["gate/b"] - stored["gate/b"]).max() > 1e-4  # ... differs.
 
 
+def test_micro_batches_and_remat_change_memory_only(setup):
+  """The bank step's pieces (MICRO_BATCH) and remat policy (REMAT) are memory
+  knobs: every split and policy gives the rows of one whole-batch pass."""
+  params, theta, config, lcfg, tok, docs = setup
+  tokenized = compute.tokenize_documents(tok, [d[1] for d in docs[:4]], worker.MAX_LEN,
+                                         worker.BUCKETS)  # All in the 32 bucket.
+  tokens, mask = (np.stack([row[i] for row in tokenized]) for i in (0, 1))
+  step = lambda mb, remat: jax.jit(functools.partial(
+      compute._doc_gradients, model_config=config, lora_config=lcfg,
+      codec=codecs.Fp32(), micro_batch=mb, remat=remat))(params, theta, tokens, mask)
+  (want, _, want_loss) = step(4, "none")
+  for mb, remat in ((1, "dots"), (2, "none"), (2, "full")):
+    got, finite, loss = step(mb, remat)
+    assert finite.all()
+    np.testing.assert_allclose(loss, want_loss, rtol=1e-6)
+    for leaf in want:
+      np.testing.assert_allclose(got[leaf]["x"], want[leaf]["x"], rtol=1e-5, atol=1e-7)
+
+
 def test_batches_group_by_bucket_and_pad(computer4):
   texts = ["ab", "x" * 40, "cd", "y" * 10]
   tokenized = computer4.tokenize(texts)

@@ -147,15 +147,19 @@ class Identity:
             for f in _FIELDS if getattr(self, f) != getattr(other, f)]
 
 
-# Documents per forward/backward inside one jitted step (per device). SmolLM2,
-# batch 8 x 128 tokens on 2 idle CPU cores, timed alternately in one process:
-# one piece 2.86 docs/s with 1.48 GB of XLA temp memory; pieces of 4 2.88 docs/s,
-# 0.98 GB; pieces of 2 2.67 docs/s, 0.67 GB. Same flops in every case.
-MICRO_BATCH = 4
+# Documents per forward/backward inside one jitted step (per device), and what
+# its backward saves (transformer.REMAT_MODES). SmolLM2, batch 8 x 128 tokens, 2
+# CPU cores, the variants interleaved in one process: XLA temp memory 0.89 GB
+# (pieces of 4, "none"), 0.43 GB (4, "dots"), 0.23 GB (2, "dots"), at the same
+# step time within 3%; pieces of 4 with "full" 0.30 GB but ~15% slower. Peak RSS
+# of the whole build (benchmarks.bank_build, 16 documents): 1.96 GB -> 1.27 GB
+# with a warm compile cache (1.50 GB when it compiles).
+MICRO_BATCH = 2
+REMAT = "dots"
 
 
 def _doc_gradients(params, lora, tokens, mask, *, model_config, lora_config, codec,
-                   micro_batch=MICRO_BATCH):
+                   micro_batch=MICRO_BATCH, remat=REMAT):
   """(G, S) tokens/mask -> (codec parts per leaf, finite (G,), loss (G,)).
 
   micro_batch: documents per forward/backward inside the step (G when it does
@@ -180,7 +184,7 @@ def _doc_gradients(params, lora, tokens, mask, *, model_config, lora_config, cod
 
     def total(theta_d):
       loss = losses.lm_loss(params, theta_d, toks, msk, config=model_config,
-                            lora_config=lora_config)
+                            lora_config=lora_config, remat=remat)
       return jnp.sum(loss), loss
 
     (_, loss), grads = jax.value_and_grad(total, has_aux=True)(per_doc)
