@@ -1,4 +1,4 @@
-"""The main job (launch/quickstart.py): SmolLM2 + cpkc, ReGrad against Direct, RAG and CPT.
+"""The main job (launch/quickstart.py): SmolLM2 + cpkc, ReGrad against its baselines.
 
 Sized to finish in about 10 minutes on 2 CPU cores (5 min 0 s measured with the
 model and data cached): 48 cpkc test questions whose passages sit among 100
@@ -24,7 +24,11 @@ def get_config(arg=None):
   # RAG gets the same retriever and K (ReGrad + ICL: that passage in the prompt too).
   c.eval.split = "test"  # Dev questions chose the released state.
   c.eval.num_questions = 48
-  c.eval.methods = ("direct", "rag", "cpt", "regrad", "regrad_icl")
+  c.eval.methods = ("direct", "direct_ft", "rag", "rag_ft", "cpt", "regrad", "regrad_icl")
+  # The fine-tuned baselines' released adapters: trained on the released state's
+  # training questions and budget (regrad_jax/released/README.md).
+  c.eval.rag_ft_from = str(regrad_jax.released("smollm2_135m_cpkc_rag_ft"))
+  c.eval.direct_ft_from = str(regrad_jax.released("smollm2_135m_cpkc_direct_ft"))
   c.eval.num_probe = 100
   c.eval.num_ppl_docs = 16
   return c

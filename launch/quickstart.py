@@ -1,4 +1,4 @@
-r"""The main job: ReGrad against Direct, RAG and CPT on SmolLM2-135M, on a CPU.
+r"""The main job: ReGrad against its baselines on SmolLM2-135M, on a CPU.
 
   python -m launch.quickstart --workdir=/tmp/regrad_quickstart
 
@@ -7,9 +7,11 @@ prepares the cpkc data (cached under $REGRAD_CACHE). Then, on 48 cpkc test
 questions whose passages sit in a knowledge base with 100 Wikipedia distractors:
 it loads the released meta-learned state (regrad_jax/released; with
 --config.meta.init_from="" it meta-learns briefly instead: 30 steps, K=1), builds the Gradient
-Bank and the index, and evaluates Direct, RAG, CPT (full weights, 1 epoch),
-ReGrad and ReGrad + ICL with their drift. RAG and ReGrad read the top K=1
-document (the released state was meta-learned with one passage per question).
+Bank and the index, and evaluates Direct, fine-tuned Direct, RAG, fine-tuned RAG
+(the released adapters, trained on the state's own training questions), CPT
+(full weights, 1 epoch), ReGrad and ReGrad + ICL with their drift: EM, F1 and
+acc (an answer contains a gold answer). The RAG methods and ReGrad read the top
+K=1 document (the released state was meta-learned with one passage per question).
 Results: WORKDIR/results.json and the table printed at the end. The settings are
 configs/quickstart.py; any field can be overridden, e.g.
 --config.eval.num_questions=16 or --config.meta.init_from=PATH.

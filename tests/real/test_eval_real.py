@@ -1,8 +1,9 @@
 """Real evaluation: SmolLM2-135M, MiniLM, a handful of cpkc test questions, end to end.
 
 Runs evaluate.run (what launch.evaluate and launch.quickstart call) with the
-quickstart config (its five methods, the released meta-learned state) cut down
-to 6 test questions whose passages sit among 10 Wikipedia distractors. It checks
+quickstart config (its seven methods, the released meta-learned state and
+fine-tuned adapters) cut down to 6 test questions whose passages sit among 10
+Wikipedia distractors. It checks
 the pipeline and the results file, not accuracy (6 questions say little). About
 5 CPU-minutes, most of it compiling SmolLM2 programs and full-weight CPT.
 """
@@ -46,7 +47,8 @@ def test_evaluate_smollm2_cpkc(shared_data_dir, tmp_path):
   m = saved["methods"]
   for name in ("direct", "rag", "regrad", "regrad_icl"):
     assert m[name]["weight_l2"] == 0.0
-  assert m["cpt"]["weight_l2"] > 0.0 and math.isfinite(m["cpt"]["ppl_general"])
+  for name in ("cpt", "rag_ft", "direct_ft"):  # Fine-tuned: their weights moved.
+    assert m[name]["weight_l2"] > 0.0 and math.isfinite(m[name]["ppl_general"]), name
   assert saved["setting"]["num_documents"] == 16
   assert saved["setting"]["meta_state"] == c.meta.init_from  # The released state.
   # Retrieval works on real text: most questions find their own passage.
@@ -55,3 +57,5 @@ def test_evaluate_smollm2_cpkc(shared_data_dir, tmp_path):
   found = sum(r["id"] in r["doc_ids"] for r in regrad)  # cpkc: passage id = record id.
   assert found >= 4, regrad
   assert all(r["prediction"].strip() for r in rows if r["method"] == "rag")
+  rag_ft = [r for r in rows if r["method"] == "rag_ft"]  # The released adapter, K=1.
+  assert len(rag_ft) == 6 and all(len(r["doc_ids"]) == 1 for r in rag_ft)
