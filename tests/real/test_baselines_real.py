@@ -32,6 +32,7 @@ def test_fine_tuned_baselines_smollm2_cpkc(shared_data_dir, tmp_path):
   c.eval.methods = METHODS
   c.eval.num_questions = 4
   c.eval.ft_steps, c.eval.ft_batch_size = 3, 2
+  c.eval.rag_ft_from = c.eval.direct_ft_from = ""  # Train here, not the released ones.
   c.eval.num_probe, c.eval.num_ppl_docs = 8, 2
   c.adapt.max_new_tokens, c.adapt.batch_size = 12, 4
   out = evaluate.run(c, tmp_path)
