@@ -1,8 +1,9 @@
 """The main job (launch/quickstart.py): SmolLM2 + cpkc, ReGrad against its baselines.
 
 Sized to finish in under 10 minutes on 2 CPU cores (8 min 25 s measured idle with
-the model and data cached; CPT is 3 of them): 48 cpkc test questions whose passages sit among 100
-Wikipedia distractors, the released meta-learned state, K=1 retrieved passage.
+the model and data cached; CPT is 3 of them): 48 cpkc test questions whose
+passages sit among 100 Wikipedia distractors, the released meta-learned state and
+fine-tuned adapters, K=1 retrieved passage.
 
   python -m launch.quickstart --workdir=/tmp/regrad_quickstart
 """

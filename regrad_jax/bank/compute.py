@@ -148,12 +148,11 @@ class Identity:
 
 
 # Documents per forward/backward inside one jitted step (per device), and what
-# its backward saves (transformer.REMAT_MODES). SmolLM2, batch 8 x 128 tokens, 2
-# CPU cores, the variants interleaved in one process: XLA temp memory 0.89 GB
-# (pieces of 4, "none"), 0.43 GB (4, "dots"), 0.23 GB (2, "dots"), at the same
-# step time within 3%; pieces of 4 with "full" 0.30 GB but ~15% slower. Peak RSS
-# of the whole build (benchmarks.bank_build, 16 documents): 1.96 GB -> 1.27 GB
-# with a warm compile cache (1.50 GB when it compiles).
+# its backward saves (transformer.REMAT_MODES). SmolLM2, 8 x 128 tokens, 2 idle
+# CPU cores (`python -m benchmarks.bank_step --variants=4:none,4:dots,2:dots,4:full`):
+# XLA temp memory 0.885 / 0.428 / 0.225 / 0.296 GB at 1.00 / 1.05 / 0.98 / 1.10x
+# the step time. Peak RSS of a whole build (benchmarks.bank_build, 16 documents):
+# 1.96 GB (4, "none") -> 1.27 GB with a warm compile cache (1.50 GB compiling).
 MICRO_BATCH = 2
 REMAT = "dots"
 
