@@ -86,6 +86,10 @@ def base() -> mlc.ConfigDict:
   c.meta.num_eval = 50  # Dev questions per periodic evaluation (per domain).
   c.meta.checkpoint_every = 10
   c.meta.init_from = ""  # A released meta-state directory to start from.
+  # Step s of this run takes the tasks of step task_offset + s of the seed's order:
+  # a new stage from init_from continues the earlier stage's task stream instead
+  # of revisiting its tasks (set it to the steps that stage took).
+  c.meta.task_offset = 0
 
   # --- Gradient Bank (regrad_jax/bank) ----------------------------------------
   c.bank = mlc.ConfigDict()

@@ -1,10 +1,14 @@
 """A general SmolLM2-135M meta-state: cpkc + squad mixed, K=3 passages of 128 tokens.
 
 The general state `regrad_jax/released/smollm2_135m_general` (an interim one:
-160 steps; its README gives the curve) came from
+160 + 200 steps; its README gives the curves) came from
 
   python -m launch.meta_train --config=configs/smollm2_general.py:steps=280 \
       --config.meta.init_from=regrad_jax/released/smollm2_135m_cpkc --workdir=/tmp/general
+  # stopped at step 160; then, from that state:
+  python -m launch.meta_train --config=configs/smollm2_general.py:steps=200 \
+      --config.meta.init_from=/tmp/general/checkpoints-160-state --config.meta.task_offset=160 \
+      --config.meta.eval_every=100 --workdir=/tmp/general2
 
 On 2 CPU cores a step of 4 K=3 x 128-token tasks took 22.7 s (median; measured
 17-29 s on an otherwise idle machine), a dev evaluation (32 + 32 questions) about

@@ -201,3 +201,16 @@ def test_ablation_conditions(trained):
   assert rows["rag"]["loss"] != rows["closed_book"]["loss"]
   assert all(0.0 <= r["acc"] <= 100.0 for r in rows.values())
   assert "| EM | F1 | acc |" in ablation.table(rows)
+
+
+def test_task_offset_continues_the_task_stream(tmp_path, trained):
+  """A stage started at task_offset=n draws the tasks the seed's order gives
+  steps n, n+1, ... (not those the earlier stage already saw)."""
+  import json
+  c = _tiny_config(1)
+  c.meta.task_offset = 3
+  trainer.train(c, tmp_path)
+  lines = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  straight = [json.loads(l) for l in (trained[0] / "metrics.jsonl").read_text().splitlines()]
+  assert lines[-1]["tasks"] == straight[3]["tasks"] != straight[0]["tasks"]
+  assert state.load(tmp_path / "meta_state")[2]["task_offset"] == 3

@@ -106,3 +106,16 @@ def test_trainer_evaluates_each_domain(root, tmp_path):
   trainer.train(c, tmp_path / "b", stop_after=0)  # Evaluates, saves, no step.
   first = json.loads(open(tmp_path / "b" / "metrics.jsonl").readline())
   assert first["step"] == 0 and first["dev"]["loss"] == pytest.approx(dev["loss"], rel=1e-5)
+
+
+def test_fine_tuned_baselines_follow_the_mixture_order(root):
+  """rag_ft / direct_ft / icpt see the meta-trainer's tasks on a mixture too:
+  records domain after domain, steps drawn with the same sizes and weights."""
+  from regrad_jax.baselines import finetuned
+  config = _config(root, "cpkc+squad", weights=(3.0, 1.0))
+  config.meta.num_train_tasks, config.eval.ft_steps, config.eval.ft_batch_size = 2, 3, 2
+  records, sizes = finetuned.training_records(config)
+  assert sizes == [2, 2] and [r.domain for r in records] == ["cpkc"] * 2 + ["squad"] * 2
+  order = finetuned.task_order(config, sizes)
+  np.testing.assert_array_equal(order[2], trainer.batch_indices(config.seed, 2, 2, sizes,
+                                                                (0.75, 0.25)))

@@ -6,6 +6,7 @@ $REGRAD_CACHE: the cached load must equal a fresh dequantisation bit for bit
 and rebuilt, never used.
 """
 import logging
+import os
 
 import jax
 import numpy as np
@@ -52,7 +53,8 @@ def test_cached_load_equals_fresh_dequantisation(gguf_file, monkeypatch):
   assert not entry.exists()  # Turned off: nothing written.
   first = loaders.load_gguf(gguf_file)  # Miss: builds and writes the entry.
   assert entry.is_file() and entry.name == weights_cache.file_sha256(gguf_file) + ".safetensors"
-  assert [p.name for p in entry.parent.iterdir()] == [entry.name]  # No temp file left.
+  # No temp file left; sha256.json remembers the GGUF's hash.
+  assert sorted(p.name for p in entry.parent.iterdir()) == sorted([entry.name, "sha256.json"])
   assert weights_cache.read(gguf_file, transformer.param_shapes) is not None
   second = loaders.load_gguf(gguf_file, dtype="bfloat16")  # Hit.
   _assert_same(first, fresh)
@@ -69,7 +71,7 @@ def test_damaged_cache_is_refused_and_rebuilt(gguf_file, monkeypatch, caplog, da
   fresh = _fresh(gguf_file, monkeypatch)
   loaders.load_gguf(gguf_file)
   entry = weights_cache.cache_path(gguf_file)
-  good_tensors, good_meta, _ = weights_cache._read_file(entry, np.ndarray.tobytes)
+  good_tensors, good_meta, _, _ = weights_cache._read_file(entry, np.ndarray.tobytes)
   good = entry.read_bytes()
   bad = bytearray(good)
   if damage == "flip":
@@ -83,7 +85,7 @@ def test_damaged_cache_is_refused_and_rebuilt(gguf_file, monkeypatch, caplog, da
     assert weights_cache.read(gguf_file, transformer.param_shapes) is None
   assert "refusing" in caplog.text and str(entry) in caplog.text
   _assert_same(loaders.load_gguf(gguf_file), fresh)  # Rebuilt from the GGUF...
-  tensors, meta, _ = weights_cache._read_file(entry)  # ...and the entry repaired
+  tensors, meta, _, _ = weights_cache._read_file(entry)  # ...and the entry repaired
   assert meta == good_meta and len(entry.read_bytes()) == len(good)  # (the header's
   for name, arr in good_tensors.items():  # key order varies from write to write).
     assert tensors[name].tobytes() == arr
@@ -111,6 +113,21 @@ def test_changed_gguf_gets_its_own_entry(gguf_file, tmp_path):
   p_first, _, _ = loaders.load_gguf(gguf_file)
   assert weights_cache.cache_path(other) != weights_cache.cache_path(gguf_file)
   assert not np.array_equal(p_other["embed"], p_first["embed"])
+
+
+def test_sha256_is_remembered_until_the_file_changes(gguf_file, monkeypatch):
+  import hashlib
+  first = weights_cache.file_sha256(gguf_file)
+  assert first == hashlib.sha256(gguf_file.read_bytes()).hexdigest()
+  calls = []
+  real = hashlib.sha256
+  monkeypatch.setattr(hashlib, "sha256", lambda: calls.append(1) or real())
+  assert weights_cache.file_sha256(gguf_file) == first and not calls  # Remembered.
+  data = bytearray(gguf_file.read_bytes())
+  data[-1] ^= 1
+  gguf_file.write_bytes(bytes(data))  # Same size: the mtime / inode key changes.
+  os.utime(gguf_file, ns=(1, 1))
+  assert weights_cache.file_sha256(gguf_file) == real(bytes(data)).hexdigest() and calls
 
 
 def test_fingerprint_is_remembered_only_for_the_same_arrays():

@@ -17,6 +17,7 @@ WORKDIR/kb.sqlite): new documents added, changed texts replaced, long documents
 chunked as config.data.long_documents says; documents injected since stay. Every
 process of a multi-host run calls this; each computes its share of the rows.
 """
+import concurrent.futures
 import pathlib
 from typing import NamedTuple
 
@@ -70,8 +71,13 @@ def open_knowledge(config, workdir, *, model: loaders.Model | None = None,
   lock_timeout = config.bank.get("lock_timeout", 0.0)
   if not writer:  # Fail on a missing knowledge base before loading anything.
     kb = kb_lib.KnowledgeBase.open(kb_dir, lock_timeout=lock_timeout)
-  model = model or loaders.load_model(config.model)
-  meta = state_lib.load_for(config, workdir, model)
+  if model is None:  # The weights load while the state is read (both mostly I/O).
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+      loading = pool.submit(loaders.load_model, config.model)
+      meta = state_lib.load_for(config, workdir, loading.result)
+      model = loading.result()
+  else:
+    meta = state_lib.load_for(config, workdir, model)
   kb_lib.check_config(config, model.config, meta.lora_config)
   computer = make_computer(config, model, meta)
   if writer:

@@ -61,17 +61,25 @@ def budget(config) -> tuple[int, int]:
   return steps, batch
 
 
-def training_records(config) -> list:
-  """The meta-trainer's training records (meta.num_train_tasks of the train split)."""
+def training_records(config) -> tuple[list, list[int]]:
+  """The meta-trainer's training records, domain after domain (data.domains,
+  meta.num_train_tasks of each), and how many each domain holds."""
   _, records = data_lib.load_split(config, "train")
-  n = int(config.meta.num_train_tasks)
-  return records[:n] if n > 0 else list(records)
+  n, out, sizes = int(config.meta.num_train_tasks), [], []
+  for name in data_lib.domains(config):
+    recs = [r for r in records if r.domain == name]
+    out += recs[:n] if n > 0 else recs
+    sizes.append(len(out) - sum(sizes))
+  return out, sizes
 
 
-def task_order(config, n: int) -> np.ndarray:
-  """(steps, batch) task indices: step s holds the meta-trainer's step-s tasks."""
+def task_order(config, sizes) -> np.ndarray:
+  """(steps, batch) task indices into the domains' tasks concatenated: step s
+  holds the meta-trainer's step-s tasks (same seed, sizes and data.weights)."""
   steps, batch = budget(config)
-  return np.stack([trainer.batch_indices(config.seed, s, batch, n) for s in range(steps)])
+  weights = data_lib.domain_weights(config)
+  return np.stack([trainer.batch_indices(config.seed, s, batch, sizes, weights)
+                   for s in range(steps)])
 
 
 def ft_loss(lora, params, tokens, mask, target, *, config, lora_config):
@@ -92,14 +100,18 @@ def train_adapter(config, model, method: str
     raise ValueError(f"no fine-tuned baseline {method!r}; choose from {list(MODES)}")
   mode, dc = MODES[method], config.data
   params, model_cfg, tokenizer = model
-  docs, _ = data_lib.load_split(config, "train")
-  records = training_records(config)
-  order = task_order(config, len(records))
-  # All records, as the meta-trainer builds them: a task's passages (and their
-  # shuffle, seeded by the record's index) are those meta-training shows.
-  k = int(config.meta.k) if mode == "icl" else 1  # Blind prompts hold no passages.
-  tasks = tasks_lib.build_tasks(records, docs, tokenizer, k=k, mode=mode,
-                                max_context_len=dc.max_context_len, seed=config.seed)
+  # Built as the meta-trainer builds them (per domain, BM25 neighbours from the
+  # domain's own passages, shuffle seeded by the record's index, meta.tasks
+  # selection): a task's passages are those meta-training shows.
+  n = int(config.meta.num_train_tasks)
+  split = tasks_lib.split_tasks(
+      config, "train", tokenizer, num=n if n > 0 else -1,
+      k=int(config.meta.k) if mode == "icl" else 1,  # Blind prompts hold no passages.
+      mode=mode, max_context_len=dc.max_context_len, seed=config.seed,
+      selection=config.meta.tasks)
+  names = data_lib.domains(config)
+  tasks = [t for name in names for t in split[name]]
+  order = task_order(config, [len(split[name]) for name in names])
   lcfg = lora_lib.LoraConfig.from_config(config.lora, model_cfg)
   lora = lora_lib.init_lora(jax.random.key(config.seed), model_cfg, lcfg)
   ec = config.eval

@@ -70,8 +70,8 @@ class ICPT(cpt.CPT):
     if self.qa_per_doc < 0:
       raise ValueError(f"eval.icpt_qa_per_doc must be >= 0, got {self.qa_per_doc}")
     if qa_records is None:
-      records = finetuned.training_records(config)
-      order = finetuned.task_order(config, len(records)).ravel()
+      records, sizes = finetuned.training_records(config)
+      order = finetuned.task_order(config, sizes).ravel()
       qa_records = [records[i] for i in order]
     if self.qa_per_doc and not qa_records:
       raise ValueError("Instruction CPT has no training QA pairs to mix in")

@@ -76,11 +76,7 @@ def load_tree(path, *, expect_base: str | None = None,
   if not (path / "info.json").exists():
     raise FileNotFoundError(f"no {what} at {path} (missing info.json)")
   info = json.loads((path / "info.json").read_text())
-  for name, want in (("base_fingerprint", expect_base),
-                     ("tokenizer_fingerprint", expect_tokenizer)):
-    if want is not None and info.get(name) != want:
-      raise ValueError(f"{what} at {path} was trained with {name}="
-                       f"{info.get(name)}, but the model here has {want}")
+  check_info(info, path, expect_base, expect_tokenizer, what)
   # Restore into host NumPy arrays shaped from the metadata: a state saved by a
   # multi-process job reads back in one process (and vice versa).
   import orbax.checkpoint as ocp  # Lazy, as in save.
@@ -89,6 +85,16 @@ def load_tree(path, *, expect_base: str | None = None,
   target = jax.tree.map(lambda m: np.zeros(m.shape, m.dtype), meta,
                         is_leaf=lambda x: hasattr(x, "shape"))
   return jax.tree.map(np.asarray, ckpt.restore(path / "arrays", target)), info
+
+
+def check_info(info: dict, path, expect_base: str | None, expect_tokenizer: str | None,
+               what: str = "meta-learned state") -> None:
+  """ValueError unless info's base / tokenizer fingerprints are those expected."""
+  for name, want in (("base_fingerprint", expect_base),
+                     ("tokenizer_fingerprint", expect_tokenizer)):
+    if want is not None and info.get(name) != want:
+      raise ValueError(f"{what} at {path} was trained with {name}="
+                       f"{info.get(name)}, but the model here has {want}")
 
 
 def load(path, *, expect_base: str | None = None,
@@ -128,10 +134,14 @@ def state_dir(config, workdir) -> pathlib.Path:
 
 
 def load_for(config, workdir, model) -> MetaState:
-  """The state `state_dir` names, for this model (a loaders.Model); refuses a
-  state meta-learned on other base weights or another tokenizer."""
+  """The state `state_dir` names, for this model: a loaders.Model, or a callable
+  giving it once the state is read (e.g. Future.result: the weights load on
+  another thread meanwhile). Refuses a state meta-learned on other base weights
+  or another tokenizer."""
   from regrad_jax import fingerprint  # Hashing only when a model is checked.
-  theta, alpha, info = load(state_dir(config, workdir),
-                            expect_base=fingerprint.tree_fingerprint(model.params),
-                            expect_tokenizer=model.tokenizer.fingerprint())
+  path = state_dir(config, workdir)
+  theta, alpha, info = load(path)
+  model = model() if callable(model) else model
+  check_info(info, path, fingerprint.tree_fingerprint(model.params),
+             model.tokenizer.fingerprint())
   return MetaState(theta, alpha, lora_config_from_info(info))

@@ -267,7 +267,7 @@ def train(config, workdir, stop_after: int | None = None) -> dict:
       # What the state was trained on (serve it with the same K and lengths).
       "k": int(mc.k), "max_context_len": int(dc.max_context_len),
       "domains": dict(zip(names, sizes)), "weights": weights,
-      "init_from": str(mc.init_from),
+      "init_from": str(mc.init_from), "task_offset": int(mc.task_offset),
       "base_fingerprint": base_fingerprint,
       "tokenizer_fingerprint": tokenizer.fingerprint(),
       "config": json.loads(config.to_json_best_effort()),
@@ -293,7 +293,7 @@ def train(config, workdir, stop_after: int | None = None) -> dict:
       manager.save(step, args=ocp.args.StandardSave(
           {"meta": meta, "opt_state": opt_state}))
       break
-    idx = batch_indices(config.seed, step, mc.batch_size, sizes, weights)
+    idx = batch_indices(config.seed, mc.task_offset + step, mc.batch_size, sizes, weights)
     batch = tasks_lib.collate([train_tasks[i] for i in idx], doc_buckets=dc.doc_buckets,
                               qa_buckets=dc.qa_buckets, pad_id=tokenizer.pad_id)
     batch = parallel.global_array(batch, parallel.data_sharded(mesh))
@@ -304,7 +304,7 @@ def train(config, workdir, stop_after: int | None = None) -> dict:
     _check_finite(step + 1, m)
     alphas = np.concatenate([np.ravel(parallel.to_host(a))
                              for a in jax.tree.leaves(meta["alpha"])])
-    m.update(step=step + 1, alpha_mean=float(alphas.mean()),
+    m.update(step=step + 1, tasks=idx.tolist(), alpha_mean=float(alphas.mean()),
              alpha_min=float(alphas.min()), alpha_max=float(alphas.max()))
     bar.set_postfix(loss=f"{m['loss']:.3f}", gnorm=f"{m['grad_norm']:.2f}",
                     alpha=f"{m['alpha_mean']:.2e}")

@@ -23,6 +23,7 @@ expect, or a checksum mismatch is refused with a warning and rebuilt. Reading a
 GGUF creates nothing but this cache. REGRAD_WEIGHTS_CACHE=0 turns it off;
 REGRAD_WEIGHTS_CACHE=/some/folder moves it (the tests use a folder in /tmp).
 """
+import concurrent.futures
 import dataclasses
 import hashlib
 import json
@@ -58,12 +59,44 @@ def cache_dir() -> pathlib.Path:
 
 
 def file_sha256(path) -> str:
-  """sha256 of a file's bytes (0.1 s for SmolLM2's 98 MB GGUF)."""
+  """sha256 of a file's bytes (0.1 s for SmolLM2's 98 MB GGUF).
+
+  Remembered in the cache folder's sha256.json by (real path, size, mtime_ns,
+  inode), so a load does not hash an unchanged file again; a changed file
+  changes that key and is hashed afresh.
+  """
+  path = pathlib.Path(path).resolve()
+  st = path.stat()
+  key = f"{path}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}"
+  memo_file = cache_dir() / "sha256.json" if enabled() else None
+  try:
+    memo = json.loads(memo_file.read_text()) if memo_file else {}
+  except (OSError, ValueError):
+    memo = {}
+  if isinstance(memo, dict) and isinstance(memo.get(key), str):
+    return memo[key]
   h = hashlib.sha256()
   with open(path, "rb") as f:
     for block in iter(lambda: f.read(1 << 24), b""):
       h.update(block)
-  return h.hexdigest()
+  memo = {k: v for k, v in memo.items() if not k.startswith(f"{path}|")} if isinstance(memo, dict) else {}
+  memo[key] = h.hexdigest()
+  if memo_file:
+    _write_atomic(memo_file, json.dumps(memo, indent=1))
+  return memo[key]
+
+
+def _write_atomic(target: pathlib.Path, text: str) -> None:
+  """Best effort (the memo is an optimisation): temp file + rename, or a warning."""
+  try:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-")
+    with os.fdopen(fd, "w") as f:
+      f.write(text)
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, target)
+  except OSError as e:
+    logging.warning("weights cache: cannot write %s (%s)", target, e)
 
 
 def cache_path(gguf_path) -> pathlib.Path:
@@ -125,8 +158,13 @@ def write(gguf_path, params: dict, config: ModelConfig, tokenizer) -> pathlib.Pa
   return target
 
 
-def _read_file(path: pathlib.Path, to_array=lambda x: x) -> tuple[dict, dict, str]:
-  """Reads a cache file: (name -> to_array(float32 array), metadata, crc32).
+def _read_file(path: pathlib.Path, to_array=lambda x: x, meanwhile=None
+               ) -> tuple[dict, dict, str, object]:
+  """Reads a cache file: (name -> to_array(float32 array), metadata, crc32,
+  meanwhile(metadata) or None).
+
+  meanwhile: work that needs only the metadata (the caller's expected layout),
+  run on this thread after the reads, while the checksum thread catches up.
 
   Tensors are read one at a time into a fresh buffer (in name order, the order
   of `_checksum`) and handed to `to_array` (e.g. jax.device_put): the peak is the
@@ -154,17 +192,24 @@ def _read_file(path: pathlib.Path, to_array=lambda x: x) -> tuple[dict, dict, st
       spans[name], end = (start, shape), max(end, stop)
     if end != size:
       raise ValueError(f"{size - end} bytes after the last tensor (a damaged file)")
-    flat, crc = {}, 0
-    for name in sorted(spans):
-      start, shape = spans[name]
-      buf = np.empty(shape, np.float32)
-      f.seek(start)
-      if f.readinto(memoryview(buf).cast("B")) != buf.nbytes:
-        raise ValueError(f"tensor {name!r} is cut short")
-      crc = _crc(name, buf, crc)
-      flat[name] = to_array(buf)
-      del buf
-  return flat, meta, f"{crc:08x}"
+    # The crc runs on a worker thread (zlib releases the GIL), one tensor behind
+    # the reads; FIFO order keeps it the name-order checksum of `_checksum`.
+    flat, crc = {}, [0]
+    def update(name, buf):
+      crc[0] = _crc(name, buf, crc[0])
+    with concurrent.futures.ThreadPoolExecutor(1) as worker:
+      for name in sorted(spans):
+        start, shape = spans[name]
+        buf = np.empty(shape, np.float32)
+        f.seek(start)
+        if f.readinto(memoryview(buf).cast("B")) != buf.nbytes:
+          raise ValueError(f"tensor {name!r} is cut short")
+        done = worker.submit(update, name, buf)
+        flat[name] = to_array(buf)
+        del buf
+      extra = meanwhile(meta) if meanwhile else None
+      done.result()  # The last update (and any error) after all earlier ones.
+  return flat, meta, f"{crc[0]:08x}", extra
 
 
 def read(gguf_path, expected_shapes, dtype: str = "float32"):
@@ -190,14 +235,15 @@ def read(gguf_path, expected_shapes, dtype: str = "float32"):
   from regrad_jax.bank.compute import flatten, unflatten  # "a/b" leaf names.
   from regrad_jax.model.tokenizer import Tokenizer
   try:
-    flat, meta, crc = _read_file(path, jax.device_put)
-    if meta.get("format") != FORMAT:
-      raise ValueError(f"format {meta.get('format')!r}, expected {FORMAT!r}")
-    fields = json.loads(meta["config"])
-    if fields.get("rope_scaling") is not None:
-      fields["rope_scaling"] = tuple(fields["rope_scaling"])
-    config = ModelConfig(**fields)
-    want = {n: tuple(s.shape) for n, s in flatten(expected_shapes(config)).items()}
+    def layout(meta):  # -> (config, the loader's {name: shape} for it).
+      if meta.get("format") != FORMAT:
+        raise ValueError(f"format {meta.get('format')!r}, expected {FORMAT!r}")
+      fields = json.loads(meta["config"])
+      if fields.get("rope_scaling") is not None:
+        fields["rope_scaling"] = tuple(fields["rope_scaling"])
+      config = ModelConfig(**fields)
+      return config, {n: tuple(s.shape) for n, s in flatten(expected_shapes(config)).items()}
+    flat, meta, crc, (config, want) = _read_file(path, jax.device_put, layout)
     got = {n: a.shape for n, a in flat.items()}
     if want != got:
       diff = sorted(set(want.items()) ^ set(got.items()))[:2]
