@@ -20,7 +20,8 @@ Safety: the file is written to a temporary name in the cache folder and renamed
 into place (atomic; concurrent writers produce the same bytes); a file that is
 truncated, has a wrong header, a tensor shape that the current loader does not
 expect, or a checksum mismatch is refused with a warning and rebuilt. Reading a
-GGUF creates nothing but this cache. REGRAD_WEIGHTS_CACHE=0 turns it off;
+GGUF creates nothing but this cache (and its sha256.json, the GGUF hashes by path,
+size, mtime and inode). REGRAD_WEIGHTS_CACHE=0 turns it off;
 REGRAD_WEIGHTS_CACHE=/some/folder moves it (the tests use a folder in /tmp).
 """
 import concurrent.futures
@@ -81,22 +82,14 @@ def file_sha256(path) -> str:
       h.update(block)
   memo = {k: v for k, v in memo.items() if not k.startswith(f"{path}|")} if isinstance(memo, dict) else {}
   memo[key] = h.hexdigest()
-  if memo_file:
-    _write_atomic(memo_file, json.dumps(memo, indent=1))
+  if memo_file:  # Best effort: the memo is an optimisation.
+    from regrad_jax.bank import store  # Its atomic JSON write (lazy: tensorstore).
+    try:
+      memo_file.parent.mkdir(parents=True, exist_ok=True)
+      store.write_json_atomic(memo_file, memo)
+    except OSError as e:
+      logging.warning("weights cache: cannot write %s (%s)", memo_file, e)
   return memo[key]
-
-
-def _write_atomic(target: pathlib.Path, text: str) -> None:
-  """Best effort (the memo is an optimisation): temp file + rename, or a warning."""
-  try:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-")
-    with os.fdopen(fd, "w") as f:
-      f.write(text)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, target)
-  except OSError as e:
-    logging.warning("weights cache: cannot write %s (%s)", target, e)
 
 
 def cache_path(gguf_path) -> pathlib.Path:
