@@ -14,8 +14,9 @@ and then again ("warm"). Written: OUT/suite.json and OUT/suite.md.
 Figures (full mode): the second-order meta-step K=3 x 128 and K=1 x 64 tokens;
 the bank build at batch 8 and one document per call; codec read times; model
 load with and without the weights cache; launch.answer for one question, cold
-and warm (the median of 3 runs); decoding B=1 / B=16 and serving throughput (benchmarks.serving). The
-device mode runs the meta-step, bank build and decoding in float32 and bfloat16.
+and warm (the median of 3 runs); decoding B=1 / B=16 and serving throughput
+(benchmarks.serving). The device mode runs the meta-step, bank build and decoding
+in float32 and bfloat16.
 """
 import json
 import os
