@@ -204,15 +204,21 @@ def test_micro_batches_and_remat_change_memory_only(setup):
       np.testing.assert_allclose(got[leaf]["x"], want[leaf]["x"], rtol=1e-5, atol=1e-7)
 
 
-def test_batches_group_by_bucket_and_pad(computer4):
-  texts = ["ab", "x" * 40, "cd", "y" * 10]
+def test_batches_pack_longest_first(computer4):
+  texts = ["ab", "x" * 40, "cd", "y" * 10, "z" * 30] + ["w"] * 5  # Buckets 16 and 32.
   tokenized = computer4.tokenize(texts)
-  out = list(computer4.batches([7, 3, 5, 9], tokenized))
-  assert [b[0].tolist() for b in out] == [[5, 7], [3, 9]]  # Buckets 16, 32; by row.
-  for rows, tokens, mask in out:
+  rows = [7, 3, 5, 9, 4, 10, 11, 12, 13, 14]
+  out = list(computer4.batches(rows, tokenized))
+  # 10 documents at 8 a step: 2 steps, not one per bucket; longest (32) first.
+  assert [b[0].tolist() for b in out] == [[3, 4, 9, 5, 7, 10, 11, 12], [13, 14]]
+  assert [b[1].shape[1] for b in out] == [32, 16]
+  for batch_rows, tokens, mask in out:
     assert tokens.shape[0] == mask.shape[0] == computer4.global_batch == 8
-    assert mask[:len(rows)].any(axis=1).all() and not mask[len(rows):].any()
-  assert out[0][1].shape[1] == 16 and out[1][1].shape[1] == 32
+    assert mask[:len(batch_rows)].any(axis=1).all() and not mask[len(batch_rows):].any()
+    for i, r in enumerate(batch_rows):  # Each document intact, then padding.
+      t, m, _ = tokenized[rows.index(r)]
+      np.testing.assert_array_equal(tokens[i, :len(t)], t)
+      assert (mask[i, :len(m)] == m).all() and not mask[i, len(m):].any()
 
 
 def test_gather_and_gather_sum(setup, built):

@@ -268,7 +268,14 @@ class GradientComputer:
                               index=self.index)
 
   def batches(self, rows, tokenized) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """Groups documents by bucket into full batches of `global_batch`.
+    """Packs documents into full batches of `global_batch`, longest first.
+
+    Documents are sorted by bucket (longest first, then by row) and taken
+    `global_batch` at a time; a batch is padded to the bucket of its longest
+    document. So only the last batch has padding rows: grouping by bucket
+    instead left a part-empty batch per bucket (8 documents over 3 buckets cost
+    3 full steps). A document padded to a longer bucket has the same gradient
+    (causal attention, padding masked out of the loss) up to float rounding.
 
     Args:
       rows: bank row of each document.
@@ -277,19 +284,17 @@ class GradientComputer:
       (rows (n,) int64, tokens (G, S) int32, mask (G, S) bool): the first n
       documents are real, the rest padding.
     """
-    by_len = {}
-    for row, (tokens, mask, _) in zip(rows, tokenized):
-      by_len.setdefault(len(tokens), []).append((int(row), tokens, mask))
+    docs = sorted(((int(r), t, m) for r, (t, m, _) in zip(rows, tokenized)),
+                  key=lambda item: (-len(item[1]), item[0]))
     G = self.global_batch
-    for length in sorted(by_len):
-      group = sorted(by_len[length], key=lambda item: item[0])
-      for start in range(0, len(group), G):
-        chunk = group[start:start + G]
-        tokens = np.full((G, length), self.tokenizer.pad_id, np.int32)
-        mask = np.zeros((G, length), bool)
-        for i, (_, t, m) in enumerate(chunk):
-          tokens[i], mask[i] = t, m
-        yield np.array([c[0] for c in chunk], np.int64), tokens, mask
+    for start in range(0, len(docs), G):
+      chunk = docs[start:start + G]
+      length = len(chunk[0][1])
+      tokens = np.full((G, length), self.tokenizer.pad_id, np.int32)
+      mask = np.zeros((G, length), bool)
+      for i, (_, t, m) in enumerate(chunk):
+        tokens[i, :len(t)], mask[i, :len(m)] = t, m
+      yield np.array([c[0] for c in chunk], np.int64), tokens, mask
 
   def __call__(self, tokens: np.ndarray, mask: np.ndarray):
     """Dispatches one batch (asynchronously): -> (parts, finite (G,), loss (G,))."""
