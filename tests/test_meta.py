@@ -78,6 +78,42 @@ def test_remat_modes_give_the_same_meta_gradient(setup, remat):
     np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-7)
 
 
+def _scan_outputs(jaxpr):
+  """Shapes of every scan output anywhere in a closed jaxpr (the stacked residuals)."""
+  out = []
+  for e in jaxpr.eqns:
+    if e.primitive.name == "scan":
+      out += [tuple(v.aval.shape) for v in e.outvars]
+    for v in e.params.values():
+      for sub in v if isinstance(v, (list, tuple)) else [v]:
+        sub = getattr(sub, "jaxpr", sub)
+        if hasattr(sub, "eqns"):
+          out += _scan_outputs(sub)
+  return out
+
+
+@pytest.mark.parametrize("remat", ["dots", "full"])
+def test_remat_meta_gradient_stacks_no_layer_weights(setup, remat):
+  """Under remat the second-order pass recomputes, rather than saves, the adapted
+  layers' weights: no scan stacks a (layers, d_in, d_out) copy of them (with one
+  checkpoint the meta-gradient's pass over the inner forward did, for every layer),
+  and under "full" not the MLP activations either (stacked without remat)."""
+  params, theta, batch = setup
+  task = jax.tree.map(lambda x: x[0], batch)
+  meta = {"theta": theta, "alpha": objective.init_alpha(theta, "tie", 0.5)}
+  n = LCFG.stop - LCFG.start
+  # gate/up (d_model, d_ff) and k (d_model, kv): shapes no activation here has
+  # (down's (d_ff, d_model) is also a (64-token, d_model) activation's).
+  weights = {(n,) + tuple(params["layers"][name].shape[1:]) for name in ("gate", "k")}
+  mlp = (n,) + task["doc_tokens"].shape + (CFG.d_ff,)  # (layers, k, S, d_ff).
+  stacked = lambda r: set(_scan_outputs(
+      jax.make_jaxpr(jax.grad(_loss_fn(params, task, remat=r)))(meta).jaxpr))
+  assert mlp in stacked("none")  # The check sees residuals where they are saved.
+  got = stacked(remat)
+  assert not weights & got
+  assert (mlp in got) == (remat == "dots")  # "dots" saves matmul outputs.
+
+
 def test_alpha_mode_shapes(setup):
   _, theta, _ = setup
   tie = objective.init_alpha(theta, "tie", 0.01)
