@@ -10,7 +10,8 @@ compiled by one figure is reused by the next in memory. A module's own --json
 figures keep first calls (compilation, or a compilation-cache read) apart from
 steady-state medians. Start-up figures run with their own empty caches ("cold")
 and then again ("warm"); the meta-step and bank figures run twice, the second
-reported with the first's peak RSS and times beside it as cold_* (see PRIMED). Written: OUT/suite.json and OUT/suite.md.
+reported, the first's peak RSS and times beside it as cold_* (see PRIMED).
+Written: OUT/suite.json and OUT/suite.md.
 
 Figures (full mode): the second-order meta-step K=3 x 128 and K=1 x 64 tokens;
 the bank build at batch 8 and one document per call; codec read times; model
@@ -54,9 +55,9 @@ FIELDS = {
 # own) run this many times; the report keeps the median run and every wall time.
 REPEATS = {"answer_warm": 3}
 # Kinds run once untimed first, so that the reported run reads its programs from
-# the persistent compile cache (the steady state of every later run on a machine):
-# XLA's compilation alone raises a process's peak RSS (the K=3 x 128 meta-step:
-# 2.80 GB compiling vs 2.36 GB cached). The first run's wall time and peak RSS are
+# the persistent compile cache (the steady state of every later run on a machine);
+# compiling can raise a process's peak RSS (bank build at batch 8: 1.39 GB cold vs
+# 1.21 GB cached; the meta-step 2.01 vs 2.03 GB). The first run's wall time and peak RSS are
 # kept as cold_wall_s / cold_peak_rss_gb, its first step as cold_first_step_s.
 PRIMED = ("meta_step", "bank_build")
 
