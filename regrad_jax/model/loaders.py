@@ -424,12 +424,14 @@ def load_model(model_cfg) -> Model:
 
   Args:
     model_cfg: config.model: source ("tiny" | "smollm2_135m" | "hf" | "gguf"),
-      path (for hf / gguf), dtype (compute dtype), max_seq_len, prompt_style.
+      path (for hf / gguf), dtype (compute dtype), matmul_dtype (operands of
+      the projections: ModelConfig.matmul_dtype), max_seq_len, prompt_style.
   Returns:
     The Model; its tokenizer carries the prompt style (regrad_jax/prompts.py)
     so that every formatting call sees it.
   """
   params, config, tokenizer = _load_model(model_cfg)
+  config = config.replace(matmul_dtype=model_cfg.get("matmul_dtype", "float32"))
   tokenizer.prompt_style = model_cfg.get("prompt_style", "auto")
   prompts.style(tokenizer)  # Refuses an unknown style here, once.
   return Model(params, config, tokenizer)
