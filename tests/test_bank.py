@@ -469,3 +469,14 @@ def test_sigkilled_build_resumes_exactly(tmp_path, setup, computer1):
   for i in b.ids:
     for leaf in want[i]:
       np.testing.assert_array_equal(got[i][leaf], want[i][leaf])
+
+
+def test_identity_names_bf16_matmuls_and_keeps_older_banks_readable():
+  """A bank's identity covers matmul_dtype (bf16 gradients are other bytes), but
+  at its float32 default the config fingerprints as before the field existed."""
+  from regrad_jax.bank.compute import _config_repr
+  from regrad_jax.model.config import tiny_config
+  cfg = tiny_config()
+  assert "matmul_dtype" not in _config_repr(cfg)
+  assert _config_repr(cfg) == repr(cfg).replace(", matmul_dtype='float32'", "")
+  assert "matmul_dtype='bfloat16'" in _config_repr(cfg.replace(matmul_dtype="bfloat16"))

@@ -104,6 +104,14 @@ _FIELDS = {"model": "base model (weights + architecture)", "theta": "theta* (LoR
            "max_len": "max context length", "prompt": "passage format"}
 
 
+def _config_repr(config: ModelConfig) -> str:
+  """repr(config) as a bank identity: fields added later are left out at their
+  default (matmul_dtype "float32"), so banks built before them stay readable."""
+  fields = [(f.name, getattr(config, f.name)) for f in dataclasses.fields(config)]
+  return f"{type(config).__name__}(" + ", ".join(
+      f"{n}={v!r}" for n, v in fields if not (n == "matmul_dtype" and v == "float32")) + ")"
+
+
 @dataclasses.dataclass(frozen=True)
 class Identity:
   """Everything a stored gradient depends on, as fingerprints.
@@ -124,7 +132,7 @@ class Identity:
     tokenizer, max_len and passage format into an Identity."""
     return cls(
         model=fingerprint.combine(params=fingerprint.tree_fingerprint(params),
-                                  config=repr(model_config)),
+                                  config=_config_repr(model_config)),
         theta=fingerprint.tree_fingerprint(lora),
         lora=repr(lora_config),
         tokenizer=str(tokenizer.fingerprint()),
