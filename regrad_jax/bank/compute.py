@@ -104,12 +104,16 @@ _FIELDS = {"model": "base model (weights + architecture)", "theta": "theta* (LoR
            "max_len": "max context length", "prompt": "passage format"}
 
 
+# ModelConfig fields added after banks were first written: left out of a bank's
+# identity at their default, so banks built before them stay readable.
+_LATER_FIELDS = ("matmul_dtype",)
+
+
 def _config_repr(config: ModelConfig) -> str:
-  """repr(config) as a bank identity: fields added later are left out at their
-  default (matmul_dtype "float32"), so banks built before them stay readable."""
-  fields = [(f.name, getattr(config, f.name)) for f in dataclasses.fields(config)]
-  return f"{type(config).__name__}(" + ", ".join(
-      f"{n}={v!r}" for n, v in fields if not (n == "matmul_dtype" and v == "float32")) + ")"
+  """repr(config), without the _LATER_FIELDS that are at their default."""
+  fields = [(f.name, getattr(config, f.name)) for f in dataclasses.fields(config)
+            if not (f.name in _LATER_FIELDS and getattr(config, f.name) == f.default)]
+  return f"{type(config).__name__}(" + ", ".join(f"{n}={v!r}" for n, v in fields) + ")"
 
 
 @dataclasses.dataclass(frozen=True)

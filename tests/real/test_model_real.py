@@ -52,10 +52,7 @@ def test_greedy_capital_of_france(smollm):
   assert "Paris" in chat, chat
 
 
-def test_perplexity_on_wikipedia_summaries(smollm, shared_data_dir):
-  _, params, config, tokenizer = smollm
-  lines = (shared_data_dir / "wiki_summaries.jsonl").read_text().splitlines()
-  texts = [json.loads(line)["text"] for line in lines[:NUM_PPL_DOCS]]
+def _perplexity(params, config, tokenizer, texts) -> tuple[float, int]:
   docs = sorted((tokenizer.encode(t) for t in texts), key=len)  # Less padding.
   assert len(docs[-1]) <= 256  # No document is cut.
 
@@ -67,15 +64,27 @@ def test_perplexity_on_wikipedia_summaries(smollm, shared_data_dir):
     return jnp.sum(jnp.where(w, nll, 0)), jnp.sum(w)
 
   total, count = 0.0, 0
-  for i in range(0, NUM_PPL_DOCS, 10):
+  for i in range(0, len(docs), 10):
     chunk = docs[i:i + 10]
     tokens, mask = batching.pad(chunk, batching.bucket(len(chunk[-1]), (64, 128, 256)),
                                 tokenizer.pad_id)
     s, c = nll_sum(params, jnp.asarray(tokens), jnp.asarray(mask))
     total, count = total + float(s), count + int(c)
-  ppl = float(np.exp(total / count))
-  print(f"\nperplexity on {NUM_PPL_DOCS} Wikipedia summaries ({count} tokens): {ppl:.2f}")
+  return float(np.exp(total / count)), count
+
+
+def test_perplexity_on_wikipedia_summaries(smollm, shared_data_dir):
+  """Float32, and with bf16 matmuls (config.model.matmul_dtype): bf16 operand
+  rounding moves SmolLM2's perplexity by well under 2%."""
+  _, params, config, tokenizer = smollm
+  lines = (shared_data_dir / "wiki_summaries.jsonl").read_text().splitlines()
+  texts = [json.loads(line)["text"] for line in lines[:NUM_PPL_DOCS]]
+  ppl, count = _perplexity(params, config, tokenizer, texts)
+  bf16, _ = _perplexity(params, config.replace(matmul_dtype="bfloat16"), tokenizer, texts)
+  print(f"\nperplexity on {NUM_PPL_DOCS} Wikipedia summaries ({count} tokens): {ppl:.2f} "
+        f"(bf16 matmuls {bf16:.2f})")
   assert 15 <= ppl <= 25
+  assert bf16 != ppl and abs(bf16 / ppl - 1) < 0.02, (ppl, bf16)
 
 
 def _strings(shared) -> list[str]:
