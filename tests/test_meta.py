@@ -226,6 +226,20 @@ def test_resume_equals_uninterrupted(tmp_path, trained):
   np.testing.assert_array_equal(theta["up"]["b"], np.asarray(resumed["theta"]["up"]["b"]))
 
 
+def test_resume_refuses_a_different_run_config(tmp_path):
+  """Resuming under other training flags would silently continue another run's
+  optimiser state: refused, naming the field; checkpoint cadence may change."""
+  trainer.train(_tiny_config(4), tmp_path, stop_after=2)
+  other = _tiny_config(4)
+  other.meta.lr = 0.5
+  with pytest.raises(ValueError, match=r"meta\.lr: 0\.\d+ -> 0\.5"):
+    trainer.train(other, tmp_path)
+  assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["2"]  # Nothing lost.
+  other = _tiny_config(4)
+  other.meta.checkpoint_every = 4
+  assert trainer.train(other, tmp_path, stop_after=1)["last"]["step"] == 3
+
+
 def test_ablation_conditions(trained):
   """The ablation's closed-book row is the base model exactly; the gradient moves
   the meta-learned state's answers; ICL tasks put the passages in the prompt."""

@@ -197,6 +197,46 @@ def _append_line(path: pathlib.Path, record: dict) -> None:
     f.write(json.dumps(record) + "\n")
 
 
+# What the trainer reads; a resumed run must agree on all of it (but how often
+# it checkpoints), or it would silently continue a different run's optimiser.
+_RUN_KEYS = ("seed", "model", "lora", "data", "meta")
+_RESUMABLE_CHANGES = ("meta.checkpoint_every",)
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+  out = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      out.update(_flat(value, f"{prefix}{key}."))
+    else:
+      out[f"{prefix}{key}"] = value
+  return out
+
+
+def check_run_config(workdir: pathlib.Path, config, resuming: bool) -> None:
+  """Refuses to resume workdir's checkpoints under a different training config.
+
+  workdir/run_config.json records the first start's _RUN_KEYS (written by the
+  chief; a workdir from before the file is taken as it is).
+  """
+  run = json.loads(config.to_json_best_effort())
+  run = _flat({k: run[k] for k in _RUN_KEYS if k in run})
+  path = workdir / "run_config.json"
+  if resuming and path.exists():
+    old = json.loads(path.read_text())
+    diff = sorted(k for k in set(old) | set(run)
+                  if k not in _RESUMABLE_CHANGES and old.get(k, "<absent>") != run.get(k, "<absent>"))
+    if diff:
+      shown = ", ".join(f"{k}: {old.get(k, '<absent>')!r} -> {run.get(k, '<absent>')!r}"
+                        for k in diff[:6])
+      raise ValueError(f"{workdir} holds checkpoints of a run with a different config "
+                       f"({shown}{', ...' if len(diff) > 6 else ''}); resume it with "
+                       "the same flags or use a fresh workdir")
+  elif parallel.is_chief():
+    workdir.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(run, indent=1, sort_keys=True))
+
+
 def train(config, workdir, stop_after: int | None = None) -> dict:
   """Meta-trains theta, alpha on config.data's training tasks; returns a summary.
 
@@ -204,7 +244,8 @@ def train(config, workdir, stop_after: int | None = None) -> dict:
   slice); the next call resumes from the checkpoint. None = run to the end.
 
   Writes workdir/checkpoints (orbax, resumable), workdir/meta_state (the best
-  dev state: F1, then loss; the last one without evaluation) and workdir/metrics.jsonl.
+  dev state: F1, then loss; the last one without evaluation), workdir/metrics.jsonl
+  and workdir/run_config.json (what a resume must match).
   """
   workdir = pathlib.Path(workdir).absolute()
   mc, dc = config.meta, config.data
@@ -250,6 +291,7 @@ def train(config, workdir, stop_after: int | None = None) -> dict:
       workdir / "checkpoints",
       options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True))
   start = 0
+  check_run_config(workdir, config, resuming=manager.latest_step() is not None)
   if manager.latest_step() is not None:
     start = manager.latest_step()
     restored = manager.restore(start, args=ocp.args.StandardRestore(
