@@ -65,6 +65,10 @@ def base() -> mlc.ConfigDict:
   # "gold": gold + k-1 BM25 neighbours, shuffled; "reference": the question's
   # BM25 top-k in rank order, gold not guaranteed (regrad_jax/meta/tasks.py).
   c.meta.tasks = "gold"
+  # Which text of a long gold document a task shows (meta/tasks.py): "first" (its
+  # first data.max_context_len tokens) | "answer_chunk" (the banked chunk that
+  # holds the answer, when the first tokens do not).
+  c.meta.passages = "first"
   c.meta.mode = "blind"  # "blind" or "icl" (passages also in the QA prompt).
   c.meta.alpha_mode = "tie"  # tie | full | same | fix.
   c.meta.alpha_init = 1e-2

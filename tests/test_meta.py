@@ -195,6 +195,30 @@ def test_batch_indices_cover_each_epoch():
                                 trainer.batch_indices(0, 1, 4, 8))
 
 
+def test_answer_chunk_tasks_show_the_chunk_that_holds_the_answer():
+  """meta.passages="answer_chunk": a gold document whose first max_context_len
+  tokens lack the answer is shown as its banked chunk that holds it; one whose
+  head holds it is unchanged; neighbours are untouched."""
+  from regrad_jax import kb as kb_lib
+  filler = " ".join(f"word{i}" for i in range(40))
+  docs = [Document("far", f"{filler} The mayor is Ann Bell."),
+          Document("near", f"Ann Cole is the mayor. {filler}")]
+  recs = [QARecord("q0", "Who is the mayor?", ("Ann Bell",), "far"),
+          QARecord("q1", "Who is the mayor here?", ("Ann Cole",), "near")]
+  chunking = kb_lib.Chunking("chunk", 64, 8)
+  kw = dict(k=2, mode="blind", max_context_len=64)
+  first = tasks_lib.build_tasks(recs, docs, TOK, **kw)
+  chunked = tasks_lib.build_tasks(recs, docs, TOK, chunking=chunking, **kw)
+  gold = lambda task, rec: task.doc_ids[task.passages.index(
+      next(p for p in task.passages if rec.answers[0] in p))]
+  assert "Ann Bell" not in TOK.decode(gold(first[0], recs[0]))
+  assert "Ann Bell" in TOK.decode(gold(chunked[0], recs[0]))
+  assert docs[1].text in chunked[0].passages  # The neighbour: whole, as before.
+  assert chunked[1].passages == first[1].passages
+  with pytest.raises(ValueError, match="needs meta.tasks='gold'"):
+    tasks_lib.build_tasks(recs, docs, TOK, chunking=chunking, selection="reference", **kw)
+
+
 def test_collate_refuses_tasks_longer_than_buckets():
   with pytest.raises(ValueError, match="qa_buckets"):
     tasks_lib.collate(_family()[:2], doc_buckets=(64,), qa_buckets=(16,), pad_id=0)

@@ -8,6 +8,13 @@ Two ways to pick the k passages (config.meta.tasks):
 Passages are numbered from prompts.first_index ("Passage 1: ..." or, in the
 reference prompt style, "Passage 0: ...").
 
+Each passage is its document's first max_context_len tokens, except that with
+config.meta.passages="answer_chunk" ("gold" selection) a gold document whose
+first tokens lack the answer is represented by the passage the bank would store
+that holds it (kb.split_document's chunks): 40% of squad training answers lie
+beyond a paragraph's first 128 tokens, where a truncated gold passage asks the
+state to answer from a gradient that never saw the answer.
+
 A task holds, as padded NumPy arrays:
   doc_tokens  (k, Sd) int32 / doc_mask (k, Sd) bool   the passages, "Passage i: ..."
   qa_tokens   (Sq,)   int32 / qa_mask  (Sq,)   bool   prompt + answer + EOS
@@ -51,11 +58,25 @@ class Task:
 
 
 SELECTIONS = ("gold", "reference")
+PASSAGES = ("first", "answer_chunk")
+
+
+def answer_passage(tokenizer, doc_id: str, text: str, answers, chunking) -> str:
+  """The text that represents a gold document of `answers` in a task: its first
+  chunking.max_len tokens if they hold an answer (case-insensitive), else the
+  first of its banked chunks that does, else the first tokens."""
+  from regrad_jax import kb as kb_lib  # pylint: disable=g-import-not-at-top
+  has = lambda t: any(a.lower() in t.lower() for a in answers)
+  head = prompts.truncate_text(tokenizer, text, chunking.max_len)
+  if has(head):
+    return text
+  hits = [t for _, t in kb_lib.split_document(tokenizer, doc_id, text, chunking) if has(t)]
+  return hits[0] if hits else text
 
 
 def build_tasks(records, documents, tokenizer, *, k: int, mode: str,
-                max_context_len: int, seed: int = 0, selection: str = "gold"
-                ) -> list[Task]:
+                max_context_len: int, seed: int = 0, selection: str = "gold",
+                chunking=None) -> list[Task]:
   """Turns QA records into tasks.
 
   Args:
@@ -67,11 +88,16 @@ def build_tasks(records, documents, tokenizer, *, k: int, mode: str,
     max_context_len: passage truncation in tokens.
     seed: seeds the per-task passage shuffle ("gold").
     selection: "gold" or "reference" (module docstring).
+    chunking: a kb.Chunking: gold passages are the chunks holding the answer
+      (answer_passage; "gold" selection only). None: first tokens.
   """
   if mode not in ("blind", "icl"):
     raise ValueError(f"mode must be 'blind' or 'icl', got {mode!r}")
   if selection not in SELECTIONS:
     raise ValueError(f"meta.tasks must be one of {SELECTIONS}, got {selection!r}")
+  if chunking is not None and selection != "gold":
+    raise ValueError("meta.passages='answer_chunk' needs meta.tasks='gold' (the "
+                     "reference's BM25 top-k has no gold passage to choose a chunk of)")
   text = {d.id: d.text for d in documents}
   missing = [r.id for r in records if r.passage_id not in text]
   if missing and selection == "gold":
@@ -85,7 +111,9 @@ def build_tasks(records, documents, tokenizer, *, k: int, mode: str,
   for i, (r, ids) in enumerate(zip(records, picks)):
     if selection == "gold":  # Not always first: a seeded order per task.
       ids = [ids[j] for j in np.random.default_rng([seed, i]).permutation(len(ids))]
-    passages = tuple(text[h] for h in ids)
+    passages = tuple(text[h] if chunking is None or h != r.passage_id else
+                     answer_passage(tokenizer, h, text[h], r.answers, chunking)
+                     for h in ids)
     doc_ids = [prompts.encode_document(tokenizer, p, max_context_len, index=n + first)[0]
                for n, p in enumerate(passages)]
     # ICL prompts hold each passage cut as its gradient sees it (as RAG does).
@@ -102,7 +130,15 @@ def split_tasks(config, split: str, tokenizer, *, start: int = 0, num: int = -1,
   """{domain: tasks} of a config's split: records start .. start+num (-1 = all)
   of each domain (data.domains), with BM25 neighbours from that domain's own
   passages. Held-out evaluation passes start = the questions the trainer
-  selected its checkpoint on (config.meta.num_eval)."""
+  selected its checkpoint on (config.meta.num_eval). Gold passages follow
+  config.meta.passages (module docstring)."""
+  passages = config.meta.get("passages", "first")
+  if passages not in PASSAGES:
+    raise ValueError(f"meta.passages must be one of {PASSAGES}, got {passages!r}")
+  if passages == "answer_chunk":
+    from regrad_jax import kb as kb_lib  # pylint: disable=g-import-not-at-top
+    task_kw.setdefault("chunking", kb_lib.Chunking(
+        "chunk", int(task_kw["max_context_len"]), int(config.data.get("chunk_overlap", 16))))
   docs, records = data_lib.load_split(config, split)
   out = {}
   for name in data_lib.domains(config):
